@@ -1,0 +1,166 @@
+"""The ``crossmodal`` command line: one subcommand per job, each a thin caller of the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+log = logging.getLogger("crossmodal")
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, help: str):
+    """Register ``func`` as subcommand ``name``; ``func.add_args`` fills its parser."""
+
+    def wrap(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = (help, getattr(func, "add_args", lambda p: None), func)
+        return func
+
+    return wrap
+
+
+def args_for(func_args: Callable[[argparse.ArgumentParser], None]):
+    def wrap(func):
+        func.add_args = func_args
+        return func
+
+    return wrap
+
+
+def _options(pairs: list[str] | None) -> dict[str, object]:
+    import yaml
+
+    out: dict[str, object] = {}
+    for item in pairs or []:
+        if "=" not in item:
+            raise SystemExit(f"error: option {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        out[key] = yaml.safe_load(value) if value else ""
+    return out
+
+
+# -- build-data -------------------------------------------------------------------------------
+def _build_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", nargs="?", default="openmoji", help="dataset name (default: openmoji)")
+    p.add_argument("--root", help="folder or file holding the dataset (not needed for openmoji)")
+    p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="builder option, repeatable")
+    p.add_argument("--force", action="store_true", help="rebuild even when a built copy exists")
+
+
+@command("build-data", "build a dataset into data/built (the OpenMoji default needs no download)")
+@args_for(_build_data_args)
+def cmd_build_data(args: argparse.Namespace) -> int:
+    from crossmodal.data.info import describe
+    from crossmodal.pipeline import open_dataset
+
+    options = _options(args.option)
+    if args.root:
+        options["root"] = args.root
+    if args.force:
+        options["force"] = True
+    started = time.perf_counter()
+    dataset = open_dataset(args.dataset, options)
+    if args.dataset == "openmoji":
+        from crossmodal.data.openmoji import summary
+
+        print(summary(dataset))
+    else:
+        print(describe(dataset))
+    print(f"ready in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+# -- data-info --------------------------------------------------------------------------------
+def _data_info_args(p: argparse.ArgumentParser) -> None:
+    _build_data_args(p)
+    p.add_argument("--seed", type=int, default=0, help="split seed")
+
+
+@command("data-info", "print counts, label statistics and split sizes of a dataset")
+@args_for(_data_info_args)
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from crossmodal.data.info import describe
+    from crossmodal.data.splits import make_splits
+    from crossmodal.pipeline import open_dataset
+
+    options = _options(args.option)
+    if args.root:
+        options["root"] = args.root
+    dataset = open_dataset(args.dataset, options)
+    print(describe(dataset, make_splits(dataset, seed=args.seed)))
+    return 0
+
+
+# -- train ------------------------------------------------------------------------------------
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="configs/openmoji.yaml", help="recipe YAML (default: %(default)s)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override"
+    )
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--if-missing", action="store_true", help="do nothing when the run is already trained")
+
+
+@command("train", "train a recipe into a run folder (runs/<name>)")
+@args_for(_train_args)
+def cmd_train(args: argparse.Namespace) -> int:
+    from crossmodal.config import load_config
+    from crossmodal.pipeline import train_run
+
+    cfg = load_config(args.config, args.overrides)
+    if args.if_missing and (cfg.run_dir / "model.safetensors").exists():
+        print(f"{cfg.run_dir} is already trained (skipping)")
+        return 0
+    run_dir = train_run(cfg, resume=args.resume)
+    print(f"trained run: {run_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crossmodal",
+        description="Cross-modal text-image retrieval on learned binary hash codes.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, add_args, func) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from crossmodal.config import ConfigError
+    from crossmodal.registry import UnknownNameError
+    from crossmodal.run import RunError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, UnknownNameError, RunError, FileNotFoundError, ValueError) as exc:
+        print(f"crossmodal {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

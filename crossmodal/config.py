@@ -1,0 +1,199 @@
+"""Configuration: one dataclass per section, YAML presets, ``--set`` overrides.
+
+A recipe is a YAML file in ``configs/`` with the sections below. Unknown keys and values
+of the wrong type are refused with a message naming them; the resolved config is written
+into the run folder as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from crossmodal.io import write_text_atomic
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says which key and why."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "openmoji"
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the dataset builder
+    n_query: int | None = None  # None: the dataset's default protocol
+    n_train: int | None = None
+    n_val: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    image_tower: str = "efficientnet_lite0"
+    text_tower: str = "minilm"
+    bits: int = 64
+    head: str = "linear"  # linear | mlp | dne (divide-and-encode)
+    head_hidden: int = 1024  # hidden width of the mlp head
+    pretrained: bool = True
+    image_size: int = 224
+    image_weights: str | None = None  # a weights file for torchvision towers
+    text_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    name: str = "dcmh"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "frozen"  # frozen: cache pretrained tower features, train the rest; finetune: end to end
+    trainable_blocks: int | None = None  # finetune: train only the last n blocks of pretrained towers
+    epochs: int = 40
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"  # adam | sgd
+    weight_decay: float = 0.0
+    patience: int = 8  # early stopping on validation mAP, in epochs
+    eval_every: int = 1
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: int = 0  # 0: torch's default
+    feature_batch_size: int = 64
+    cache_dir: str = ".cache/crossmodal/features"
+    checkpoint_every: int = 1
+
+
+@dataclass
+class IndexConfig:
+    kind: str = "flat"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    name: str = "openmoji"
+    runs_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def dump(self, path: str | os.PathLike[str]) -> None:
+        write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def validate(self) -> Config:
+        bits = self.model.bits
+        if bits <= 0 or bits % 8:
+            raise ConfigError(f"model.bits must be a positive multiple of 8 (got {bits})")
+        if self.train.mode not in ("frozen", "finetune"):
+            raise ConfigError(f"train.mode must be 'frozen' or 'finetune' (got {self.train.mode!r})")
+        if self.train.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"train.optimizer must be 'adam' or 'sgd' (got {self.train.optimizer!r})")
+        if self.model.head not in ("linear", "mlp", "dne"):
+            raise ConfigError(f"model.head must be linear, mlp or dne (got {self.model.head!r})")
+        for key in ("epochs", "batch_size"):
+            if getattr(self.train, key) <= 0:
+                raise ConfigError(f"train.{key} must be positive (got {getattr(self.train, key)})")
+        return self
+
+
+def from_dict(raw: dict[str, Any], cls: type = Config, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, refusing unknown keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) in {where or 'config'}: {', '.join(unknown)}; "
+            f"valid keys: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else key
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(value or {}, hint, path)
+        else:
+            kwargs[key] = _coerce(value, hint, path)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (
+        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{path} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, text = item.split("=", 1)
+        value = yaml.safe_load(text) if text.strip() else ""
+        node = raw
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML recipe (or the defaults when ``path`` is None), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    return from_dict(raw).validate()

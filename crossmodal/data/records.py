@@ -1,0 +1,220 @@
+"""The one record type every dataset yields, kept as a Hugging Face ``datasets.Dataset``.
+
+Columns (``FEATURES``):
+    id           stable string id, unique within the dataset
+    image_path   path of the image relative to ``CrossModalDataset.image_root``, or ""
+    image_bytes  the encoded image (PNG/JPEG bytes) when it is stored inline, else None
+    captions     one or more captions (may be empty for bag-of-words-only datasets)
+    labels       multi-hot vector over ``label_names`` (uint8, fixed length; empty
+                 when the dataset has no labels and relevance is "same image")
+    bow_idx      indices of the non-zero words of a fixed bag-of-words text
+                 (the DCMH .mat datasets); empty otherwise
+    bow_val      the values at ``bow_idx``
+    group        items sharing a group always land in the same split (for example
+                 the skin-tone and gender variants of one emoji)
+
+Images are decoded lazily with ``crossmodal.images.open_image``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from PIL import Image
+
+from crossmodal.images import open_image
+from crossmodal.io import atomic_dir, write_json_atomic
+
+DATASET_FORMAT_VERSION = 1
+
+RELEVANCE_LABELS = "labels"  # relevant when two items share at least one label
+RELEVANCE_IMAGE = "image"  # relevant only to the same item (captions-only datasets)
+
+
+def make_features(n_labels: int) -> datasets.Features:
+    return datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "image_path": datasets.Value("string"),
+            "image_bytes": datasets.Value("binary"),
+            "captions": datasets.Sequence(datasets.Value("string")),
+            "labels": datasets.Sequence(datasets.Value("uint8"), length=n_labels if n_labels else -1),
+            "bow_idx": datasets.Sequence(datasets.Value("int32")),
+            "bow_val": datasets.Sequence(datasets.Value("float32")),
+            "group": datasets.Value("string"),
+        }
+    )
+
+
+def make_record(
+    id: str,
+    captions: Iterable[str],
+    labels: np.ndarray | list[int] | None = None,
+    image_path: str = "",
+    image_bytes: bytes | None = None,
+    bow: np.ndarray | None = None,
+    group: str = "",
+) -> dict[str, Any]:
+    """Build one row. ``labels`` is a multi-hot vector; ``bow`` a dense word vector."""
+    if bow is not None:
+        bow = np.asarray(bow).ravel()
+        nz = np.flatnonzero(bow)
+        bow_idx, bow_val = nz.astype(np.int32).tolist(), bow[nz].astype(np.float32).tolist()
+    else:
+        bow_idx, bow_val = [], []
+    return {
+        "id": str(id),
+        "image_path": image_path,
+        "image_bytes": image_bytes,
+        "captions": [str(c) for c in captions],
+        "labels": [] if labels is None else np.asarray(labels, dtype=np.uint8).tolist(),
+        "bow_idx": bow_idx,
+        "bow_val": bow_val,
+        "group": group or str(id),
+    }
+
+
+@dataclass
+class DatasetInfo:
+    """What a dataset is, apart from its rows. Saved as ``info.json`` beside the Arrow data."""
+
+    name: str
+    label_names: list[str] = field(default_factory=list)
+    relevance: str = RELEVANCE_LABELS
+    bow_dim: int = 0  # > 0 when text comes as a fixed bag-of-words of this size
+    bow_vocab: list[str] = field(default_factory=list)  # names of the bag-of-words entries, if known
+    image_root: str = ""  # folder that image_path is relative to
+    protocol: dict[str, int] = field(default_factory=dict)  # default n_query / n_train
+    source: dict[str, Any] = field(default_factory=dict)  # options it was built from
+    stats: dict[str, Any] = field(default_factory=dict)  # counts reported by the build
+    format_version: int = DATASET_FORMAT_VERSION
+
+
+class CrossModalDataset:
+    """A dataset of image-text items in the one record type, plus its ``DatasetInfo``."""
+
+    def __init__(self, table: datasets.Dataset, info: DatasetInfo) -> None:
+        missing = set(make_features(0)) - set(table.column_names)
+        if missing:
+            raise ValueError(f"dataset {info.name!r} lacks columns: {sorted(missing)}")
+        self.table = table
+        self.info = info
+        self._labels: np.ndarray | None = None
+
+    # -- construction ---------------------------------------------------------------
+    @classmethod
+    def from_records(
+        cls,
+        records: Iterable[dict[str, Any]] | Any,
+        info: DatasetInfo,
+        cache_dir: str | None = None,
+        fingerprint: str | None = None,
+    ) -> CrossModalDataset:
+        """Build from an iterable of ``make_record`` rows (or a generator function).
+
+        Rows are streamed to Arrow on disk, so memory stays flat in the dataset size.
+
+        Args:
+            fingerprint: a hash of everything the rows depend on (source files, options).
+                ``datasets`` caches generator output under a hash of the generator's code
+                and closure, which does not change when a source file's contents do; a
+                builder that reads files should pass a fingerprint that does.
+        """
+        features = make_features(len(info.label_names) if info.relevance == RELEVANCE_LABELS else 0)
+        gen = records if callable(records) else _replay(list(records))
+        table = datasets.Dataset.from_generator(
+            gen, features=features, cache_dir=cache_dir, fingerprint=fingerprint
+        )
+        return cls(table, info)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``path/arrow`` and ``path/info.json`` atomically (all or nothing)."""
+        path = Path(path)
+        with atomic_dir(path) as tmp:
+            self.table.save_to_disk(str(tmp / "arrow"))
+            write_json_atomic(tmp / "info.json", asdict(self.info))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CrossModalDataset:
+        path = Path(path)
+        info_file = path / "info.json"
+        if not info_file.exists():
+            raise FileNotFoundError(f"no built dataset at {path} (expected {info_file})")
+        raw = json.loads(info_file.read_text(encoding="utf-8"))
+        if raw.get("format_version") != DATASET_FORMAT_VERSION:
+            raise ValueError(
+                f"dataset at {path} has format version {raw.get('format_version')}, "
+                f"this crossmodal reads {DATASET_FORMAT_VERSION}; rebuild it"
+            )
+        table = datasets.load_from_disk(str(path / "arrow"))
+        return cls(table, DatasetInfo(**raw))
+
+    # -- access -----------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def ids(self) -> list[str]:
+        return self.table["id"]
+
+    def labels_matrix(self) -> np.ndarray:
+        """Multi-hot labels, ``[n, n_labels]`` uint8 (``[n, 0]`` for captions-only data)."""
+        if self._labels is None:
+            n_labels = len(self.info.label_names) if self.info.relevance == RELEVANCE_LABELS else 0
+            if n_labels == 0:
+                self._labels = np.zeros((len(self), 0), dtype=np.uint8)
+            else:
+                col = self.table.with_format("numpy")["labels"]
+                self._labels = np.asarray(col, dtype=np.uint8).reshape(len(self), n_labels)
+        return self._labels
+
+    def captions(self, i: int) -> list[str]:
+        return self.table[int(i)]["captions"]
+
+    def text(self, i: int) -> str:
+        """All captions of item ``i`` joined into one text."""
+        return " ; ".join(self.captions(i))
+
+    def image_source(self, row: dict[str, Any]) -> bytes | Path:
+        if row["image_bytes"]:
+            return row["image_bytes"]
+        return Path(self.info.image_root) / row["image_path"]
+
+    def load_image(self, i: int) -> Image.Image:
+        return open_image(self.image_source(self.table[int(i)]))
+
+    def bow_matrix(self, indices: np.ndarray | None = None) -> np.ndarray:
+        """Dense bag-of-words rows ``[len(indices), bow_dim]`` float32."""
+        idx = np.arange(len(self)) if indices is None else np.asarray(indices)
+        out = np.zeros((len(idx), self.info.bow_dim), dtype=np.float32)
+        sub = self.table.select(idx.tolist()).select_columns(["bow_idx", "bow_val"])
+        for r, row in enumerate(sub):
+            out[r, row["bow_idx"]] = row["bow_val"]
+        return out
+
+    def fingerprint(self) -> str:
+        """A short hash of the rows and the info, stable across processes."""
+        h = hashlib.sha256()
+        h.update(json.dumps(asdict(self.info), sort_keys=True, default=str).encode())
+        h.update(str(self.table._fingerprint).encode())
+        return h.hexdigest()[:16]
+
+
+def _replay(rows: list[dict[str, Any]]):
+    def gen() -> Iterator[dict[str, Any]]:
+        yield from rows
+
+    return gen

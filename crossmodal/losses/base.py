@@ -1,0 +1,111 @@
+"""The one contract every hashing objective shares.
+
+A loss sees one mini-batch of continuous codes from one tower (``modality``), the
+trainer's buffers of the whole training set's codes for both modalities and the binary
+codes ``B``, and a way to ask for pairwise similarities. It returns a dict of named
+terms; the trainer sums them and logs each. Nothing about the training set is kept
+inside the loss: what it needs is passed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Similarity:
+    """Pairwise relevance of training items, from multi-hot labels or from item keys.
+
+    With labels, items are similar when they share at least one label and the graded
+    similarity is the number of shared labels. Without labels (captions-only data),
+    an item is similar only to itself.
+    """
+
+    labels: torch.Tensor | None  # [n, L] float multi-hot, or None
+    n: int
+
+    def graded(self, rows: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """Number of shared labels between items ``rows`` and ``cols`` (all items if None)."""
+        if self.labels is None:
+            cols_t = torch.arange(self.n, device=rows.device) if cols is None else cols
+            return (rows[:, None] == cols_t[None, :]).float()
+        a = self.labels[rows]
+        b = self.labels if cols is None else self.labels[cols]
+        return a @ b.T  # [len(rows), len(cols)]
+
+    def binary(self, rows: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """1 where items share at least one label (or are the same item), else 0."""
+        return (self.graded(rows, cols) > 0).float()
+
+
+@dataclass
+class LossBatch:
+    """What a loss sees for one step.
+
+    Attributes:
+        modality: "image" or "text": the tower being updated.
+        codes: ``[b, c]`` continuous codes of this batch, with gradients.
+        index: ``[b]`` positions of the batch items in the training set.
+        same: ``[n, c]`` buffer of this modality's codes for the whole training set (no grad).
+        other: ``[n, c]`` buffer of the other modality's codes (no grad).
+        B: ``[n, c]`` current binary codes in {-1, +1}.
+        sim: pairwise similarity of training items.
+        features: ``[b, f]`` the tower features the codes came from (for losses with their own heads).
+    """
+
+    modality: str
+    codes: torch.Tensor
+    index: torch.Tensor
+    same: torch.Tensor
+    other: torch.Tensor
+    B: torch.Tensor
+    sim: Similarity
+    features: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return self.same.shape[0]
+
+
+class HashLoss(nn.Module):
+    """Base class of hashing objectives. Subclasses implement ``forward(batch) -> dict``.
+
+    A loss may own parameters (a classifier, bit weights); the trainer optimises them
+    with the towers and saves them in the run.
+    """
+
+    #: continuous codes pass through this before the loss and at encoding time
+    activation: str = "identity"
+
+    def forward(self, batch: LossBatch) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def update_codes(self, F: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+        """The closed-form B step; by default B = sign(F + G), with sign(0) = +1."""
+        return sign_pm1(F + G)
+
+    def prepare(self, n: int, bits: int, sim: Similarity) -> None:  # noqa: B027 - optional hook
+        """Called once before training with the training-set size, code length and similarity."""
+
+    def bit_weights(self) -> torch.Tensor | None:
+        """Per-bit ranking weights, for losses that learn them; None means plain Hamming."""
+        return None
+
+
+def sign_pm1(x: torch.Tensor) -> torch.Tensor:
+    """Sign with a deterministic choice at zero: +1."""
+    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+
+def softplus_stable(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^x) = max(x, 0) + log(1 + e^-|x|): finite for any |x|."""
+    return torch.clamp(x, min=0) + torch.log1p(torch.exp(-torch.abs(x)))
+
+
+def pairwise_nll(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Sum over pairs of log(1 + e^theta) - s * theta with theta = 0.5 * a b^T."""
+    theta = 0.5 * a @ b.T
+    return (softplus_stable(theta) - s * theta).sum()
