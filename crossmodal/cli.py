@@ -7,10 +7,13 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 log = logging.getLogger("crossmodal")
 
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+COMMANDS: dict[
+    str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+] = {}
 
 
 def command(name: str, help: str):
@@ -124,6 +127,81 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- index ------------------------------------------------------------------------------------
+def _index_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run folder, e.g. runs/openmoji")
+    p.add_argument("--kind", help="index kind: flat, ivf, hnsw, multihash (default: the run's config)")
+    p.add_argument(
+        "-p", "--param", action="append", metavar="KEY=VALUE", help="index parameter, e.g. nlist=256"
+    )
+    p.add_argument("--add", metavar="DATASET_OR_FOLDER", help="add the items of a dataset or image folder")
+    p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="dataset option for --add")
+    p.add_argument("--if-missing", action="store_true", help="do nothing when the run is already indexed")
+
+
+@command("index", "encode a run's database into FAISS binary indexes and a metadata store")
+@args_for(_index_args)
+def cmd_index(args: argparse.Namespace) -> int:
+    from crossmodal.indexing import add_to_run, index_run
+    from crossmodal.run import read_manifest
+
+    if args.add:
+        info = add_to_run(args.run, args.add, _options(args.option))
+        print(f"added {info['added_items']} items and {info['added_texts']} texts to {args.run}")
+        return 0
+    if args.if_missing and "index" in read_manifest(args.run) and Path(args.run, "image.index").exists():
+        print(f"{args.run} is already indexed (skipping)")
+        return 0
+    info = index_run(args.run, kind=args.kind, params=_options(args.param))
+    n_img, n_txt = info["items"], info["texts"]
+    print(f"indexed {n_img} images and {n_txt} texts ({info['kind']}) in {info['seconds']:.1f} s")
+    return 0
+
+
+# -- search -----------------------------------------------------------------------------------
+def _search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run folder")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="keywords: find images (or texts with --same)")
+    what.add_argument("--image", help="an image file: find captions (or images with --same)")
+    p.add_argument("-k", type=int, default=10, help="number of results (default: %(default)s)")
+    p.add_argument("--same", action="store_true", help="search the same modality (image->image, text->text)")
+
+
+@command("search", "search a run by keywords or by an image and print the results")
+@args_for(_search_args)
+def cmd_search(args: argparse.Namespace) -> int:
+    from crossmodal.engine import RetrievalEngine
+    from crossmodal.images import ImageDecodeError
+    from crossmodal.text import QueryError
+
+    engine = RetrievalEngine.load(args.run)
+    try:
+        if args.text is not None:
+            result = (engine.similar_texts if args.same else engine.search_text)(args.text, args.k)
+        else:
+            result = (engine.similar_images if args.same else engine.search_image)(args.image, args.k)
+    except (QueryError, ImageDecodeError) as exc:
+        print(f"crossmodal search: {exc}", file=sys.stderr)
+        return 2
+    print(format_result(result))
+    return 0
+
+
+def format_result(result) -> str:
+    text_hits = result.direction.endswith("t")
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in result.timings_ms.items())
+    lines = [f"{result.direction}  query: {result.query!r}  code: {result.code_hex}  "
+             f"({result.total_ms:.1f} ms: {stages})",
+             f"{'rank':>4}  {'dist':>4}  {'id':<24}  {'caption' if text_hits else 'captions'}"]  # fmt: skip
+    for h in result.hits:
+        caption = h.caption if text_hits else " | ".join(h.captions)
+        lines.append(f"{h.rank:>4}  {h.distance:>4g}  {h.key[:24]:<24}  {caption[:90]}")
+    if not result.hits:
+        lines.append("(no results)")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crossmodal",
@@ -163,4 +241,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

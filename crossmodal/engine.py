@@ -1,0 +1,250 @@
+"""RetrievalEngine: a trained run's model, indexes and store behind four search directions.
+
+    engine = RetrievalEngine.load("runs/openmoji")
+    engine.search_text("cat", k=10)        # text -> images
+    engine.search_image("photo.png", k=10)  # image -> captions
+    engine.similar_images(img, k=10)        # image -> images
+    engine.similar_texts("red heart", k=10) # text -> texts
+
+Each call returns a ``SearchResult`` with the hits (id, captions, image path, Hamming
+distance) and the time each stage took. The engine only knows the run folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from crossmodal.codes import codes_to_hex, pack_codes, unpack_codes, weighted_hamming
+from crossmodal.images import open_image
+from crossmodal.index import PAD_DISTANCE, BinaryIndex
+from crossmodal.run import RunError, check_run, load_run_config
+from crossmodal.store import MetadataStore
+from crossmodal.text import QueryError
+
+log = logging.getLogger(__name__)
+
+ImageInput = str | os.PathLike[str] | bytes | Image.Image
+
+
+@dataclass
+class Hit:
+    """One result: an item (image side) or a caption of an item (text side)."""
+
+    rank: int
+    item_id: int
+    key: str
+    distance: float
+    image_path: str
+    captions: list[str]
+    labels: list[Any]
+    text_id: int | None = None  # set when the hit is a text entry
+    caption: str = ""  # the matching caption of a text hit
+
+
+@dataclass
+class SearchResult:
+    query: str
+    direction: str
+    hits: list[Hit]
+    code_hex: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_ms(self) -> float:
+        return sum(self.timings_ms.values())
+
+
+class RetrievalEngine:
+    """Search a run folder written by ``crossmodal train`` and ``crossmodal index``."""
+
+    def __init__(self, run_dir: Path, model: Any, loss: Any, indexes: dict[str, BinaryIndex],
+                 store: MetadataStore, manifest: dict[str, Any]) -> None:  # fmt: skip
+        self.run_dir, self.model, self.indexes, self.store, self.manifest = (
+            run_dir,
+            model,
+            indexes,
+            store,
+            manifest,
+        )
+        self.bits = int(manifest["bits"])
+        weights = loss.bit_weights() if loss is not None else None
+        self.bit_weights = None if weights is None else weights.detach().cpu().numpy().astype(np.float64)
+        self._lock = threading.Lock()  # torch modules are not re-entrant across threads
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike[str], mmap: bool = False) -> RetrievalEngine:
+        """Open a run; refuses, naming the difference, a run of another format or code length."""
+        from crossmodal.pipeline import load_model
+
+        run_dir = Path(run_dir)
+        manifest = check_run(run_dir, need=("model.safetensors", "image.index", "text.index", "store.sqlite"))
+        cfg = load_run_config(run_dir)
+        if cfg.model.bits != manifest.get("bits"):
+            raise RunError(
+                f"{run_dir}: config.yaml says {cfg.model.bits} bits, the manifest {manifest.get('bits')}"
+            )
+        model, loss = load_model(run_dir, cfg)
+        indexes = {
+            m: BinaryIndex.load(run_dir / f"{m}.index", mmap=mmap, expected_bits=cfg.model.bits)
+            for m in ("image", "text")
+        }
+        store = MetadataStore.open(run_dir / "store.sqlite")
+        if store.count_items() != indexes["image"].ntotal:
+            raise RunError(
+                f"{run_dir}: store.sqlite holds {store.count_items()} items but image.index "
+                f"{indexes['image'].ntotal}; re-run: crossmodal index --run {run_dir}"
+            )
+        torch.set_grad_enabled(False)
+        return cls(run_dir, model, loss, indexes, store, manifest)
+
+    # -- encoding ---------------------------------------------------------------------------
+    def encode_texts(self, queries: list[str]) -> np.ndarray:
+        """Packed codes ``uint8 [n, bits/8]`` of text queries; ``QueryError`` for unusable ones."""
+        for q in queries:
+            self.model.text_tower.check_query(q)
+        with self._lock, torch.no_grad():
+            batch = self.model.text_tower.tokenize([q.strip() for q in queries])
+            codes = self.model.encode_text(batch, binarize=True)
+        return pack_codes(codes.numpy())
+
+    def encode_images(self, images: list[ImageInput]) -> np.ndarray:
+        """Packed codes of images (paths, bytes or PIL images); ``ImageDecodeError`` for bad ones."""
+        tower = self.model.image_tower
+        x = torch.stack([tower.preprocess(open_image(img)) for img in images])
+        with self._lock, torch.no_grad():
+            codes = self.model.encode_image(x, binarize=True)
+        return pack_codes(codes.numpy())
+
+    # -- searching ---------------------------------------------------------------------------
+    def _search(self, packed: np.ndarray, target: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        index = self.indexes[target]
+        if not isinstance(k, int | np.integer) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        k = min(int(k), max(index.ntotal, 1))
+        if self.bit_weights is None:
+            return index.search(packed, k)
+        fetch = min(index.ntotal, max(10 * k, 100))  # re-rank a Hamming shortlist by weighted distance
+        _, ids = index.search(packed, fetch)
+        return self._rerank(packed, ids, target, k)
+
+    def _rerank(
+        self, packed: np.ndarray, ids: np.ndarray, target: str, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        index = self.indexes[target]
+        out_d, out_i = [], []
+        for q, row in zip(packed, ids):
+            live = row[row >= 0]
+            db = unpack_codes(index.reconstruct(live), self.bits) if len(live) else np.zeros((0, self.bits))
+            d = weighted_hamming(unpack_codes(q[None], self.bits), db, self.bit_weights)[0]
+            order = np.argsort(d, kind="stable")[:k]
+            out_d.append(np.pad(d[order], (0, k - len(order)), constant_values=PAD_DISTANCE))
+            out_i.append(np.pad(live[order], (0, k - len(order)), constant_values=-1))
+        return np.array(out_d), np.array(out_i)
+
+    def _hits(self, dist: np.ndarray, ids: np.ndarray, target: str) -> list[Hit]:
+        keep = ids >= 0
+        ids, dist = ids[keep], dist[keep]
+        if target == "text":
+            texts = self.store.get_texts(ids.tolist(), missing="none")
+            item_ids = [t["item_id"] if t else -1 for t in texts]
+        else:
+            texts, item_ids = [None] * len(ids), ids.tolist()
+        items = self.store.get_items(item_ids, missing="none")
+        captions = self.store.texts_of_items([i for i in item_ids])
+        hits = []
+        for rank, (d, text, item, caps) in enumerate(zip(dist, texts, items, captions), start=1):
+            if item is None:
+                log.warning("id %s is in the %s index but not in the store", item_ids[rank - 1], target)
+                continue
+            hits.append(Hit(
+                rank=rank, item_id=int(item["item_id"]), key=item["key"], distance=float(d),
+                image_path=self._image_path(item["image_path"]), captions=[c["caption"] for c in caps],
+                labels=item["labels"], text_id=None if text is None else int(text["text_id"]),
+                caption="" if text is None else text["caption"],
+            ))  # fmt: skip
+        return hits
+
+    def _image_path(self, path: str) -> str:
+        if not path:
+            return ""
+        p = Path(path)
+        return str(p if p.is_absolute() else (self.run_dir / p).resolve())
+
+    def _run(
+        self, queries: list[Any], labels: list[str], source: str, target: str, k: int
+    ) -> list[SearchResult]:
+        t0 = time.perf_counter()
+        packed = self.encode_texts(queries) if source == "text" else self.encode_images(queries)
+        t1 = time.perf_counter()
+        dist, ids = self._search(packed, target, k)
+        t2 = time.perf_counter()
+        results = []
+        for q, code, d, i in zip(labels, packed, dist, ids):
+            hits = self._hits(d, i, target)
+            results.append(SearchResult(q, f"{source[0]}2{target[0]}", hits, codes_to_hex(code)))
+        t3 = time.perf_counter()
+        n = len(queries)
+        for r in results:
+            r.timings_ms = {
+                "encode": (t1 - t0) * 1e3 / n,
+                "search": (t2 - t1) * 1e3 / n,
+                "lookup": (t3 - t2) * 1e3 / n,
+            }
+        return results
+
+    def search_text(self, query: str, k: int = 10) -> SearchResult:
+        """Text -> images."""
+        return self._run([query], [query], "text", "image", k)[0]
+
+    def search_image(self, image: ImageInput, k: int = 10) -> SearchResult:
+        """Image -> captions."""
+        return self._run([image], [_label(image)], "image", "text", k)[0]
+
+    def similar_images(self, image: ImageInput, k: int = 10) -> SearchResult:
+        """Image -> images."""
+        return self._run([image], [_label(image)], "image", "image", k)[0]
+
+    def similar_texts(self, query: str, k: int = 10) -> SearchResult:
+        """Text -> texts."""
+        return self._run([query], [query], "text", "text", k)[0]
+
+    def search_text_batch(self, queries: list[str], k: int = 10, target: str = "image") -> list[SearchResult]:
+        """Many text queries at once (text -> images, or text -> texts with ``target="text"``)."""
+        return self._run(list(queries), list(queries), "text", target, k)
+
+    def search_image_batch(
+        self, images: list[ImageInput], k: int = 10, target: str = "text"
+    ) -> list[SearchResult]:
+        """Many image queries at once (image -> captions, or image -> images)."""
+        return self._run(list(images), [_label(i) for i in images], "image", target, k)
+
+    def describe(self) -> dict[str, Any]:
+        """What the app's "About this run" panel shows."""
+        m = self.manifest
+        return {
+            "run": str(self.run_dir), "dataset": m.get("dataset", {}).get("name"),
+            "image_tower": m.get("image_tower"), "text_tower": m.get("text_tower"), "loss": m.get("loss"),
+            "bits": self.bits, "index": m.get("index", {}).get("kind"),
+            "items": self.indexes["image"].ntotal, "texts": self.indexes["text"].ntotal,
+            "weighted": self.bit_weights is not None,
+        }  # fmt: skip
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _label(image: ImageInput) -> str:
+    return str(image) if isinstance(image, str | os.PathLike) else "<image>"
+
+
+__all__ = ["Hit", "QueryError", "RetrievalEngine", "SearchResult"]

@@ -1,0 +1,277 @@
+"""The index job: encode a run's database items and write its indexes and metadata store.
+
+Text entries: for labelled datasets each item has one text (its captions joined), whose
+text id is the item id; for captions-only datasets ("same image" relevance) every caption
+is its own entry in the text index and maps to its item in the store. Images stored
+inline in a dataset are written as thumbnails under ``<run>/images/`` so that the run
+folder alone serves them.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from crossmodal.codes import pack_codes
+from crossmodal.data import RELEVANCE_IMAGE, CrossModalDataset
+from crossmodal.features import ModalityInputs, extract_features
+from crossmodal.images import ImageDecodeError, open_image
+from crossmodal.index import BinaryIndex, create_index
+from crossmodal.io import atomic_path
+from crossmodal.models.hasher import TwoTowerHasher
+from crossmodal.run import RunError, check_run, load_run_config, update_manifest
+from crossmodal.store import MetadataStore
+
+log = logging.getLogger(__name__)
+
+THUMB_SIDE = 256
+
+
+def text_units(
+    dataset: CrossModalDataset, indices: np.ndarray, first_text_id: int = 0
+) -> list[dict[str, Any]]:
+    """Text entries of ``indices``: one per item (labelled data) or one per caption."""
+    caps = dataset.table.select(np.asarray(indices).tolist())["captions"]
+    out: list[dict[str, Any]] = []
+    per_caption = dataset.info.relevance == RELEVANCE_IMAGE
+    next_id = first_text_id
+    for item, captions in zip(indices, caps):
+        if per_caption and captions:
+            for cap in captions:
+                out.append({"text_id": next_id, "item_id": int(item), "caption": cap})
+                next_id += 1
+        else:
+            out.append({"text_id": int(item), "item_id": int(item), "caption": " ; ".join(captions)})
+    return out
+
+
+@torch.no_grad()
+def encode_items(
+    model: TwoTowerHasher,
+    dataset: CrossModalDataset,
+    indices: np.ndarray,
+    modality: str,
+    features: torch.Tensor | None = None,
+    texts: list[str] | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Yield ``(positions, continuous codes)`` chunk by chunk, so memory stays flat.
+
+    ``features`` are cached tower features of the whole dataset (frozen towers). With
+    ``texts``, those texts are encoded instead of the items (positions index ``texts``).
+    """
+    tower = model.image_tower if modality == "image" else model.text_tower
+    source = ModalityInputs(modality, dataset, tower, features, None)
+    enc = model.encode_image if modality == "image" else model.encode_text
+    n = len(texts) if texts is not None else len(indices)
+    for s in tqdm(range(0, n, batch_size), desc=f"encode {modality}", disable=not progress, leave=False):
+        pos = np.arange(s, min(s + batch_size, n))
+        if texts is not None:
+            yield pos, enc(tower.tokenize([texts[int(p)] for p in pos]))
+        else:
+            x = source.batch(indices[pos], torch.device("cpu"))
+            yield pos, enc(x, from_features=source.from_features)
+
+
+def write_thumbnails(
+    dataset: CrossModalDataset, indices: np.ndarray, run_dir: Path, ids: np.ndarray
+) -> list[str]:
+    """Image paths for the store: the original files, or thumbnails of inline images."""
+    rows = dataset.table.select(np.asarray(indices).tolist()).select_columns(
+        ["id", "image_path", "image_bytes"]
+    )
+    paths = []
+    for item_id, row in zip(ids, rows):
+        if not row["image_bytes"]:
+            paths.append(str((Path(dataset.info.image_root) / row["image_path"]).resolve()))
+            continue
+        rel = f"images/{int(item_id)}.png"
+        target = run_dir / rel
+        if not target.exists():
+            try:
+                img = open_image(row["image_bytes"], max_side=THUMB_SIDE)
+                buf = io.BytesIO()
+                img.save(buf, format="PNG", optimize=True)
+                with atomic_path(target) as tmp:
+                    tmp.write_bytes(buf.getvalue())
+            except ImageDecodeError as exc:
+                log.warning("item %s: %s", row["id"], exc)
+                rel = ""
+        paths.append(rel)
+    return paths
+
+
+def _frozen_features(cfg: Any, model: TwoTowerHasher, dataset: CrossModalDataset, manifest: dict) -> dict:
+    from crossmodal.train import tower_description
+
+    out: dict[str, torch.Tensor | None] = {"image": None, "text": None}
+    for m, frozen in manifest.get("frozen", {}).items():
+        if frozen:
+            tower = model.image_tower if m == "image" else model.text_tower
+            desc = tower_description(cfg, m)
+            out[m] = extract_features(
+                dataset, m, tower, desc, cfg.train.cache_dir, cfg.train.feature_batch_size
+            )
+    return out
+
+
+def index_run(
+    run_dir: str | os.PathLike[str],
+    kind: str | None = None,
+    params: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Encode the database split of a trained run and write its indexes, store and manifest."""
+    from crossmodal.pipeline import load_model, open_dataset, split_indices
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    manifest = check_run(run_dir, need=("model.safetensors", "splits.json"))
+    kind = kind or cfg.index.kind
+    params = {**cfg.index.params, **(params or {})} if kind == cfg.index.kind else dict(params or {})
+    started = time.perf_counter()
+    model, _ = load_model(run_dir, cfg)
+    dataset = open_dataset(cfg.data.name, cfg.data.options)
+    if dataset.fingerprint() != manifest["dataset"]["fingerprint"]:
+        raise RunError(
+            f"the dataset {dataset.name!r} changed since {run_dir} was trained "
+            f"(fingerprint {dataset.fingerprint()} != {manifest['dataset']['fingerprint']}); re-train the run"
+        )
+    db = split_indices(run_dir, dataset)["database"]
+    feats = _frozen_features(cfg, model, dataset, manifest)
+    units = text_units(dataset, db)
+    per_caption = dataset.info.relevance == RELEVANCE_IMAGE
+    text_ids = np.array([u["text_id"] for u in units], dtype=np.int64)
+    image_index = build_index(
+        kind, model.bits, params, model, dataset, db, "image", feats["image"], None, db, progress
+    )
+    unit_texts = [u["caption"] for u in units] if per_caption or feats["text"] is None else None
+    text_index = build_index(
+        kind, model.bits, params, model, dataset, db, "text", feats["text"], unit_texts, text_ids, progress
+    )
+    image_index.save(run_dir / "image.index")
+    text_index.save(run_dir / "text.index")
+    write_store(run_dir, dataset, db, units)
+    seconds = time.perf_counter() - started
+    info = {"kind": kind, "params": image_index.params, "items": int(image_index.ntotal),
+            "texts": int(text_index.ntotal), "seconds": round(seconds, 2),
+            "text_units": "caption" if per_caption else "item"}  # fmt: skip
+    update_manifest(run_dir, ["image.index", "text.index", "store.sqlite"], index=info)
+    log.info("indexed %d images and %d texts in %.1f s", info["items"], info["texts"], seconds)
+    return info
+
+
+def build_index(
+    kind: str,
+    bits: int,
+    params: dict[str, Any],
+    model: TwoTowerHasher,
+    dataset: CrossModalDataset,
+    indices: np.ndarray,
+    modality: str,
+    features: torch.Tensor | None,
+    texts: list[str] | None,
+    ids: np.ndarray,
+    progress: bool,
+) -> BinaryIndex:
+    index = create_index(kind, bits, **params)
+    chunks = encode_items(model, dataset, indices, modality, features, texts, progress=progress)
+    if kind == "ivf":  # IVF trains on the codes first; they are small (bits / 8 bytes each)
+        packed = np.concatenate([pack_codes(c.numpy()) for _, c in chunks])
+        index.train(packed)
+        index.add(packed, ids)
+        return index
+    for pos, codes in chunks:
+        index.add(pack_codes(codes.numpy()), ids[pos])
+    return index
+
+
+def write_store(run_dir: Path, dataset: CrossModalDataset, indices: np.ndarray, units: list[dict]) -> None:
+    labels = dataset.labels_matrix()
+    names = dataset.info.label_names
+    paths = write_thumbnails(dataset, indices, run_dir, indices)
+    keys = dataset.table.select(np.asarray(indices).tolist())["id"]
+    items = (
+        {
+            "item_id": int(i),
+            "key": key,
+            "image_path": path,
+            "labels": [names[j] for j in np.flatnonzero(labels[i])] if labels.shape[1] else [],
+            "source": dataset.name,
+        }
+        for i, key, path in zip(indices, keys, paths)
+    )
+    MetadataStore.build(
+        run_dir / "store.sqlite", items, units, meta={"label_names": names, "dataset": dataset.name}
+    ).close()
+
+
+def add_to_run(
+    run_dir: str | os.PathLike[str], source: str, options: dict[str, Any] | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Add every item of a dataset (a registered name, or an image folder) to a run's indexes.
+
+    New items get ids after the largest in the store; nothing is retrained. The indexes
+    and the store are each replaced atomically, the store last but before the manifest.
+    """
+    import shutil
+
+    from crossmodal.pipeline import load_model, open_dataset
+
+    run_dir = Path(run_dir)
+    manifest = check_run(run_dir, need=("model.safetensors", "image.index", "text.index", "store.sqlite"))
+    cfg = load_run_config(run_dir)
+    options = dict(options or {})
+    name = source
+    if Path(source).is_dir():
+        name, options = "imagefolder", {"root": str(Path(source).resolve()), **options}
+    dataset = open_dataset(name, options)
+    model, _ = load_model(run_dir, cfg)
+    indexes = {
+        m: BinaryIndex.load(run_dir / f"{m}.index", expected_bits=model.bits) for m in ("image", "text")
+    }
+    with MetadataStore.open(run_dir / "store.sqlite") as store:
+        first_item, first_text = store.max_item_id() + 1, store.max_text_id() + 1
+    positions = np.arange(len(dataset))
+    units = text_units(dataset, positions)
+    per_caption = (
+        dataset.info.relevance == RELEVANCE_IMAGE or manifest["index"].get("text_units") == "caption"
+    )
+    if per_caption:
+        units = [{**u, "text_id": first_text + j} for j, u in enumerate(units)]
+    for u in units:
+        u["item_id"] += first_item
+        if not per_caption:
+            u["text_id"] = u["item_id"]
+    item_ids = positions + first_item
+    texts = [u["caption"] for u in units]
+    for pos, codes in encode_items(model, dataset, positions, "image", progress=progress):
+        indexes["image"].add(pack_codes(codes.numpy()), item_ids[pos])
+    text_ids = np.array([u["text_id"] for u in units], dtype=np.int64)
+    for pos, codes in encode_items(model, dataset, positions, "text", texts=texts, progress=progress):
+        indexes["text"].add(pack_codes(codes.numpy()), text_ids[pos])
+    paths = write_thumbnails(dataset, positions, run_dir, item_ids)
+    keys = dataset.table["id"]
+    items = [{"item_id": int(i), "key": k, "image_path": p, "labels": [], "source": dataset.name}
+             for i, k, p in zip(item_ids, keys, paths)]  # fmt: skip
+    for m in ("image", "text"):
+        indexes[m].save(run_dir / f"{m}.index")
+    with atomic_path(run_dir / "store.sqlite") as tmp:
+        shutil.copyfile(run_dir / "store.sqlite", tmp)
+        with MetadataStore.open(tmp, readonly=False) as store:
+            store.add_items(items)
+            store.add_texts(units)
+    info = {**manifest["index"], "items": int(indexes["image"].ntotal), "texts": int(indexes["text"].ntotal)}
+    info.setdefault("added", []).append({"source": source, "items": len(items), "texts": len(units)})
+    update_manifest(run_dir, ["image.index", "text.index", "store.sqlite"], index=info)
+    return {"added_items": len(items), "added_texts": len(units), **info}

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tinyrun import tiny_config
+
+from crossmodal.cli import main
+from crossmodal.config import ConfigError
+from crossmodal.pipeline import load_model, open_dataset
+from crossmodal.registry import UnknownNameError
+
+
+def test_training_beats_random_ranking(tiny_run):
+    log = json.loads((tiny_run / "train_log.json").read_text())
+    dataset = open_dataset("tiny_colours")
+    labels = dataset.labels_matrix().astype(float)
+    random_map = float(((labels @ labels.T) > 0).mean())  # ~ precision of a random ranking
+    assert log["best_val_map"] > random_map + 0.3, (log["best_val_map"], random_map)
+    assert log["history"][0]["epoch"] == 1
+    assert {"image/inter", "image/intra", "image/quant", "image/balance", "text/inter"} <= set(
+        log["history"][0]
+    )
+
+
+def test_run_folder_contents(tiny_run):
+    for name in ("config.yaml", "model.safetensors", "vocab.json", "splits.json", "manifest.json"):
+        assert (tiny_run / name).exists(), name
+    manifest = json.loads((tiny_run / "manifest.json").read_text())
+    assert manifest["bits"] == 16
+    assert manifest["frozen"] == {"image": True, "text": False}
+    # frozen pretrained towers are rebuilt from their packages, not copied into the run
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_run / "model.safetensors"), "pt") as fh:
+        keys = list(fh.keys())
+    assert not any(k.startswith("model.image_tower.") for k in keys)
+    assert any(k.startswith("model.text_tower.") for k in keys)
+    assert any(k.startswith("model.image_head.") for k in keys)
+
+
+def test_reloaded_model_gives_the_same_codes(tiny_run):
+    model, _ = load_model(tiny_run)
+    batch = model.text_tower.tokenize(["a red square", "blue"])
+    codes = model.encode_text(batch, binarize=True)
+    again, _ = load_model(tiny_run)
+    assert torch.equal(codes, again.encode_text(batch, binarize=True))
+    assert set(codes.unique().tolist()) <= {-1.0, 1.0}
+
+
+def test_training_is_deterministic_and_resumes(workdir):
+    from crossmodal.pipeline import train_run
+
+    a = train_run(tiny_config(workdir, "name=det_a", "train.epochs=4"), progress=False)
+    b = train_run(tiny_config(workdir, "name=det_b", "train.epochs=4"), progress=False)
+    la = json.loads((a / "train_log.json").read_text())["history"]
+    lb = json.loads((b / "train_log.json").read_text())["history"]
+    assert [r["val_map"] for r in la] == [r["val_map"] for r in lb]
+    # stop after 2 epochs, then resume to 4: the same history as the straight run
+    c = train_run(tiny_config(workdir, "name=det_c", "train.epochs=2"), progress=False)
+    train_run(tiny_config(workdir, "name=det_c", "train.epochs=4"), resume=True, progress=False)
+    lc = json.loads((c / "train_log.json").read_text())["history"]
+    assert [r["epoch"] for r in lc] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["val_map"] for r in lc], [r["val_map"] for r in la], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "override, error, needle",
+    [
+        ("model.image_tower=alexnet", UnknownNameError, "efficientnet_lite0"),
+        ("model.text_tower=word2vec", UnknownNameError, "minilm"),
+        ("loss.name=magic", UnknownNameError, "dcmh"),
+        ("data.name=imagenet", UnknownNameError, "openmoji"),
+    ],
+)
+def test_unknown_names_fail_before_any_work(workdir, override, error, needle):
+    from crossmodal.pipeline import train_run
+
+    cfg = tiny_config(workdir, "name=never", override)
+    with pytest.raises(error) as err:
+        train_run(cfg, progress=False)
+    assert needle in str(err.value)
+    assert not (workdir / "runs" / "never").exists()
+
+
+def test_cli_refuses_bad_code_length(capsys):
+    assert main(["train", "--set", "model.bits=20"]) == 2
+    assert "multiple of 8" in capsys.readouterr().err
+    with pytest.raises(ConfigError):
+        tiny_config(__import__("pathlib").Path("."), "model.bits=7")
