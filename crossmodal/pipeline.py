@@ -82,7 +82,7 @@ def build_model(
 
 def load_model(run_dir: str | os.PathLike[str], cfg: Config | None = None) -> tuple[TwoTowerHasher, Any]:
     """Rebuild the trained model (and its loss, for bit weights) of a run folder."""
-    from crossmodal.losses import create_loss
+    from crossmodal.losses import Similarity, create_loss
     from crossmodal.train import load_trainable_state
 
     run_dir = Path(run_dir)
@@ -96,7 +96,8 @@ def load_model(run_dir: str | os.PathLike[str], cfg: Config | None = None) -> tu
     loss = create_loss(cfg.loss.name, **cfg.loss.params)
     state = load_file(str(run_dir / "model.safetensors"))
     try:
-        loss.prepare(1, model.bits, None)
+        n_labels = len(info.label_names) if info is not None and info.relevance == "labels" else 0
+        loss.prepare(1, model.bits, Similarity(torch.zeros(1, n_labels) if n_labels else None, 1))
         load_trainable_state(model, loss, state)
     except (ValueError, RuntimeError) as exc:
         raise RunError(f"{run_dir}/model.safetensors does not fit the model in config.yaml: {exc}") from None

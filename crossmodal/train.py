@@ -166,6 +166,13 @@ class Trainer:
         opt = self.make_optimizer()
         n = len(self.train_idx)
         self.loss.prepare(n, self.model.bits, self.sim)
+        feats = {
+            m: None if src.features is None else src.features[self.train_idx]
+            for m, src in self.inputs.items()
+        }
+        if self.loss.init_heads(self.model, feats):
+            self.state.best_state = trainable_state(self.model, self.loss, self.frozen)
+            return self.state
         buffers = {m: self.encode_all(m, self.train_idx) for m in MODALITIES}
         B = self.loss.update_codes(buffers["image"], buffers["text"])
         if resume and self.run_dir is not None and (self.run_dir / "checkpoint").exists():
