@@ -91,7 +91,8 @@ class RetrievalEngine:
         cfg = load_run_config(run_dir)
         if cfg.model.bits != manifest.get("bits"):
             raise RunError(
-                f"{run_dir}: config.yaml says {cfg.model.bits} bits, the manifest {manifest.get('bits')}"
+                f"{run_dir}: code length differs: config.yaml says {cfg.model.bits} bits, "
+                f"manifest.json {manifest.get('bits')} bits; re-run crossmodal train and index"
             )
         model, loss = load_model(run_dir, cfg)
         indexes = {
