@@ -202,6 +202,31 @@ def format_result(result) -> str:
     return "\n".join(lines)
 
 
+# -- eval -------------------------------------------------------------------------------------
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--no-baselines", action="store_true", help="skip the LSH and CCA-ITQ baselines")
+    p.add_argument("-k", type=int, action="append", help="precision@k cut-off (repeatable; default 100)")
+    p.add_argument("--if-missing", action="store_true", help="only print the table when already evaluated")
+
+
+@command("eval", "evaluate a run (mAP, P@k, PR curves, four directions) into <run>/eval")
+@args_for(_eval_args)
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from crossmodal.eval_run import eval_run, summary_table
+
+    metrics_file = Path(args.run) / "eval" / "metrics.json"
+    if args.if_missing and metrics_file.exists():
+        rows = json.loads(metrics_file.read_text())
+    else:
+        rows = eval_run(args.run, baselines=not args.no_baselines, ks=tuple(args.k or (100,)))
+    print(summary_table(rows))
+    print(f"report: {Path(args.run) / 'eval' / 'report.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crossmodal",

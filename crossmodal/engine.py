@@ -105,7 +105,6 @@ class RetrievalEngine:
                 f"{run_dir}: store.sqlite holds {store.count_items()} items but image.index "
                 f"{indexes['image'].ntotal}; re-run: crossmodal index --run {run_dir}"
             )
-        torch.set_grad_enabled(False)
         return cls(run_dir, model, loss, indexes, store, manifest)
 
     # -- encoding ---------------------------------------------------------------------------

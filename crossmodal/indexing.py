@@ -111,7 +111,7 @@ def write_thumbnails(
     return paths
 
 
-def _frozen_features(cfg: Any, model: TwoTowerHasher, dataset: CrossModalDataset, manifest: dict) -> dict:
+def frozen_features(cfg: Any, model: TwoTowerHasher, dataset: CrossModalDataset, manifest: dict) -> dict:
     from crossmodal.train import tower_description
 
     out: dict[str, torch.Tensor | None] = {"image": None, "text": None}
@@ -148,7 +148,7 @@ def index_run(
             f"(fingerprint {dataset.fingerprint()} != {manifest['dataset']['fingerprint']}); re-train the run"
         )
     db = split_indices(run_dir, dataset)["database"]
-    feats = _frozen_features(cfg, model, dataset, manifest)
+    feats = frozen_features(cfg, model, dataset, manifest)
     units = text_units(dataset, db)
     per_caption = dataset.info.relevance == RELEVANCE_IMAGE
     text_ids = np.array([u["text_id"] for u in units], dtype=np.int64)

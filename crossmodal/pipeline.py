@@ -31,15 +31,20 @@ def data_dir() -> Path:
 
 
 def open_dataset(name: str, options: dict[str, Any] | None = None) -> CrossModalDataset:
-    """Create dataset ``name``; builds of file-backed datasets are cached under ``data/built``."""
+    """Create dataset ``name``; builds of file-backed datasets are cached under ``data/built``.
+
+    The cache key holds the options and the modification time of ``root``, so a dataset
+    whose files changed is rebuilt; ``force=True`` rebuilds regardless.
+    """
     options = dict(options or {})
     if name in SELF_CACHING:
         return create_dataset(name, **options)
-    key = hashlib.sha256(
-        json.dumps({"name": name, **options}, sort_keys=True, default=str).encode()
-    ).hexdigest()
-    path = data_dir() / f"{name}-{key[:12]}"
-    if (path / "info.json").exists():
+    force = bool(options.pop("force", False))
+    root = options.get("root")
+    stamp = os.stat(root).st_mtime_ns if root and os.path.exists(root) else None
+    blob = json.dumps({"name": name, "stamp": stamp, **options}, sort_keys=True, default=str)
+    path = data_dir() / f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    if (path / "info.json").exists() and not force:
         return CrossModalDataset.load(path)
     dataset = create_dataset(name, **options)
     dataset.save(path)

@@ -168,7 +168,8 @@ class CrossModalDataset:
 
     @property
     def ids(self) -> list[str]:
-        return self.table["id"]
+        # Through Arrow: iterating the datasets Column row by row takes seconds per 100k rows.
+        return self.table.with_format("arrow")["id"].to_pylist()
 
     def labels_matrix(self) -> np.ndarray:
         """Multi-hot labels, ``[n, n_labels]`` uint8 (``[n, 0]`` for captions-only data)."""
@@ -177,8 +178,10 @@ class CrossModalDataset:
             if n_labels == 0:
                 self._labels = np.zeros((len(self), 0), dtype=np.uint8)
             else:
-                col = self.table.with_format("numpy")["labels"]
-                self._labels = np.asarray(col, dtype=np.uint8).reshape(len(self), n_labels)
+                # Flat Arrow values: converting the Column row by row takes minutes on 200k rows.
+                col = self.table.with_format("arrow")["labels"].combine_chunks()
+                values = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.uint8)
+                self._labels = values.reshape(len(self), n_labels)
         return self._labels
 
     def captions(self, i: int) -> list[str]:

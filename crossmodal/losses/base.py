@@ -90,6 +90,15 @@ class HashLoss(nn.Module):
     def prepare(self, n: int, bits: int, sim: Similarity) -> None:  # noqa: B027 - optional hook
         """Called once before training with the training-set size, code length and similarity."""
 
+    def init_heads(self, model: nn.Module, features: dict[str, torch.Tensor | None]) -> bool:
+        """Set the hash heads before training, from the training items' tower features.
+
+        ``features`` maps "image" / "text" to ``[n, f]`` cached features (None when a
+        tower is not frozen). Return True when the heads are final and no gradient
+        training is needed (training-free methods such as LSH); by default do nothing.
+        """
+        return False
+
     def bit_weights(self) -> torch.Tensor | None:
         """Per-bit ranking weights, for losses that learn them; None means plain Hamming."""
         return None
@@ -109,3 +118,38 @@ def pairwise_nll(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Ten
     """Sum over pairs of log(1 + e^theta) - s * theta with theta = 0.5 * a b^T."""
     theta = 0.5 * a @ b.T
     return (softplus_stable(theta) - s * theta).sum()
+
+
+def sample_columns(
+    mask: torch.Tensor, k: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``k`` columns per row among those where ``mask`` is true, uniformly without replacement.
+
+    Bounded sampling for losses over triplets or ranked pairs: each row gets
+    ``min(k, n)`` slots; a slot is valid when its row had that many candidates.
+
+    Args:
+        mask: ``[b, n]`` candidates (bool or 0/1).
+        k: slots per row.
+        generator: a CPU generator, for reproducible draws.
+
+    Returns:
+        ``cols [b, min(k, n)]`` column indices and ``valid [b, min(k, n)]`` (bool).
+    """
+    scores = torch.rand(mask.shape, generator=generator).to(mask.device)  # [b, n]
+    scores = scores.masked_fill(~mask.bool(), -1.0)
+    top, cols = scores.topk(min(k, mask.shape[1]), dim=1)
+    return cols, top >= 0
+
+
+def sample_triplets(
+    s: torch.Tensor, k: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``k`` (positive, negative) column pairs per row of a binary similarity ``s [b, n]``.
+
+    Returns ``pos``, ``neg`` and ``valid``, each ``[b, min(k, n)]``: slot t of row i is
+    the triplet (i, pos[i, t], neg[i, t]), valid when both were found.
+    """
+    pos, has_pos = sample_columns(s > 0, k, generator)
+    neg, has_neg = sample_columns(s <= 0, k, generator)
+    return pos, neg, has_pos & has_neg

@@ -13,6 +13,25 @@ from torch import nn
 
 from crossmodal.losses.base import sign_pm1
 
+ACTIVATIONS = ("identity", "tanh", "sigmoid", "piecewise")
+PIECEWISE_EPS = 0.1
+
+
+def piecewise_threshold(
+    s: torch.Tensor, eps: float = PIECEWISE_EPS, straight_through: bool = True
+) -> torch.Tensor:
+    """DNNH's threshold on sigmoid outputs ``s`` in [0, 1] (Lai et al., CVPR 2015).
+
+    Values within ``eps`` of 0.5 pass unchanged; the others snap to 0 or 1. The snapped
+    values are constants, so taken literally they pass no gradient and an output that
+    leaves the band early never moves again; with ``straight_through`` (the default) the
+    backward pass uses the identity there (the value is still the snapped one).
+    """
+    snapped = (s > 0.5).to(s.dtype)
+    if straight_through:
+        snapped = s + (snapped - s).detach()
+    return torch.where((s - 0.5).abs() < eps, s, snapped)
+
 
 class DivideAndEncode(nn.Module):
     """Divide-and-encode head (Lai et al., CVPR 2015).
@@ -75,6 +94,10 @@ class TwoTowerHasher(nn.Module):
             codes = torch.tanh(codes)
         elif self.activation == "sigmoid":
             codes = torch.sigmoid(codes) * 2 - 1
+        elif self.activation == "piecewise":
+            codes = piecewise_threshold(torch.sigmoid(codes)) * 2 - 1
+        elif self.activation != "identity":
+            raise ValueError(f"unknown activation {self.activation!r}; known: {', '.join(ACTIVATIONS)}")
         return sign_pm1(codes) if binarize else codes
 
     def encode_image(

@@ -1,0 +1,121 @@
+"""The eval job: score a trained run on its query split, beside its float upper bound and
+classical baselines, and write ``eval/metrics.json`` and ``eval/report.md``.
+
+Rows of the report:
+    hash           the run's binary codes ranked by Hamming distance (weighted, if the
+                   run learned bit weights)
+    float (cosine) the same model's continuous outputs ranked by cosine similarity
+    LSH (CCA)      random hyperplanes on CCA-aligned frozen features (when both towers
+    CCA-ITQ        are frozen), fitted on the run's training split
+
+Queries are the query split; the database is the database split; relevance is "shares
+a label" (or "same item" for captions-only data).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crossmodal.data import CrossModalDataset
+from crossmodal.evaluate import evaluate_directions
+from crossmodal.features import item_texts
+from crossmodal.indexing import frozen_features, encode_items
+from crossmodal.report import write_run_report
+from crossmodal.run import check_run, load_run_config, update_manifest
+from crossmodal.train import MODALITIES, codes_for_eval
+
+log = logging.getLogger(__name__)
+
+
+def continuous_codes(
+    model: Any, dataset: CrossModalDataset, indices: np.ndarray, feats: dict[str, torch.Tensor | None]
+) -> dict[str, np.ndarray]:
+    """Continuous codes ``[len(indices), bits]`` of both modalities (one text per item)."""
+    out = {}
+    texts = item_texts(dataset)
+    for m in MODALITIES:
+        own = None if feats[m] is not None or m == "image" else [texts[int(i)] for i in indices]
+        parts = [
+            c.numpy() for _, c in encode_items(model, dataset, indices, m, feats[m], own, progress=False)
+        ]
+        out[m] = np.concatenate(parts) if parts else np.zeros((0, model.bits), np.float32)
+    return out
+
+
+def eval_run(
+    run_dir: str | os.PathLike[str],
+    baselines: bool = True,
+    ks: tuple[int, ...] = (100,),
+    tie_aware: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``run_dir`` in all four directions; returns ``{row: {direction: metrics}}``."""
+    from crossmodal.baselines import fit_baseline
+    from crossmodal.pipeline import load_model, open_dataset, split_indices
+
+    run_dir = Path(run_dir)
+    started = time.perf_counter()
+    cfg = load_run_config(run_dir)
+    manifest = check_run(run_dir, need=("model.safetensors", "splits.json"))
+    model, loss = load_model(run_dir, cfg)
+    dataset = open_dataset(cfg.data.name, cfg.data.options)
+    split = split_indices(run_dir, dataset)
+    feats = frozen_features(cfg, model, dataset, manifest)
+    weights = loss.bit_weights()
+    weights = None if weights is None else weights.detach().cpu().numpy()
+    q = continuous_codes(model, dataset, split["query"], feats)
+    db = continuous_codes(model, dataset, split["database"], feats)
+    target = codes_for_eval({}, dataset, split["query"], split["database"])
+    opts = {"ks": ks, "tie_aware": tie_aware}
+
+    def score(qi, qt, di, dt, **extra: Any) -> dict[str, Any]:
+        arrays = {"query_image": qi, "query_text": qt, "db_image": di, "db_text": dt}
+        return evaluate_directions(arrays, **target, **opts, **extra)
+
+    def signs(x: np.ndarray) -> np.ndarray:
+        return np.where(x >= 0, 1, -1).astype(np.int8)
+
+    rows = {
+        "hash": score(
+            *(signs(a) for a in (q["image"], q["text"], db["image"], db["text"])), bit_weights=weights
+        )
+    }
+    rows["float (cosine)"] = score(q["image"], q["text"], db["image"], db["text"], metric="cosine")
+    if baselines and all(feats[m] is not None for m in MODALITIES):
+        train = split["train"]
+        for name, label in (("lsh", "LSH (CCA)"), ("cca_itq", "CCA-ITQ")):
+            base = fit_baseline(name, feats["image"][train].numpy(), feats["text"][train].numpy(), model.bits)
+            enc = [base.encode_image(feats["image"][split[s]].numpy()) for s in ("query", "database")]
+            txt = [base.encode_text(feats["text"][split[s]].numpy()) for s in ("query", "database")]
+            rows[label] = score(enc[0], txt[0], enc[1], txt[1])
+    title = (
+        f"Evaluation of {run_dir.name}: {cfg.data.name}, {cfg.model.image_tower} + {cfg.model.text_tower}, "
+    )
+    title += f"{cfg.loss.name}, {model.bits} bits"
+    write_run_report(rows, run_dir / "eval", title=title)
+    summary = {r: {d: round(float(m["map"]), 4) for d, m in v.items()} for r, v in rows.items()}
+    update_manifest(run_dir, ["eval/metrics.json", "eval/report.md"], eval={
+        "map": summary, "seconds": round(time.perf_counter() - started, 2),
+        "n_query": int(len(split["query"])), "n_db": int(len(split["database"]))})  # fmt: skip
+    return rows
+
+
+def summary_table(rows: dict[str, Any]) -> str:
+    """A compact text table of mAP@all (and P@100) per row and direction."""
+    dirs = [d for d in ("i2t", "t2i", "i2i", "t2t") if any(d in v for v in rows.values())]
+    head = f"{'':<16}" + "".join(f"{d + ' mAP':>10}{d + ' P@100':>11}" for d in dirs)
+    lines = [head]
+    for name, metrics in rows.items():
+        cells = "".join(
+            f"{metrics[d]['map']:>10.4f}{metrics[d].get('p@100', float('nan')):>11.4f}"
+            for d in dirs
+            if d in metrics
+        )
+        lines.append(f"{name:<16}{cells}")
+    return "\n".join(lines)
