@@ -8,8 +8,9 @@ Rows of the report:
     LSH (CCA)      random hyperplanes on CCA-aligned frozen features (when both towers
     CCA-ITQ        are frozen), fitted on the run's training split
 
-Queries are the query split; the database is the database split; relevance is "shares
-a label" (or "same item" for captions-only data).
+Queries are the query split; the database is the database split and relevance is
+"shares a label". For captions-only data relevance is "same item", and the query items'
+texts (images) form the database of the image (text) queries: i2t and t2i only.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossmodal.data import CrossModalDataset
+from crossmodal.data import RELEVANCE_IMAGE, CrossModalDataset
 from crossmodal.evaluate import evaluate_directions
 from crossmodal.features import item_texts
-from crossmodal.indexing import frozen_features, encode_items
+from crossmodal.indexing import encode_items, frozen_features
 from crossmodal.report import write_run_report
 from crossmodal.run import check_run, load_run_config, update_manifest
 from crossmodal.train import MODALITIES, codes_for_eval
@@ -69,10 +70,15 @@ def eval_run(
     feats = frozen_features(cfg, model, dataset, manifest)
     weights = loss.bit_weights()
     weights = None if weights is None else weights.detach().cpu().numpy()
+    directions = ("i2t", "t2i", "i2i", "t2t")
+    if dataset.info.relevance == RELEVANCE_IMAGE:
+        # "same item" relevance: each query image is matched against the query items' texts
+        # (and vice versa), as in the usual Flickr30k / COCO caption protocols
+        split["database"], directions = split["query"], ("i2t", "t2i")
     q = continuous_codes(model, dataset, split["query"], feats)
     db = continuous_codes(model, dataset, split["database"], feats)
     target = codes_for_eval({}, dataset, split["query"], split["database"])
-    opts = {"ks": ks, "tie_aware": tie_aware}
+    opts = {"ks": ks, "tie_aware": tie_aware, "directions": directions}
 
     def score(qi, qt, di, dt, **extra: Any) -> dict[str, Any]:
         arrays = {"query_image": qi, "query_text": qt, "db_image": di, "db_text": dt}

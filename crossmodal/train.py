@@ -242,7 +242,8 @@ class Trainer:
 
         if len(self.val_idx) == 0:
             return {}
-        db = self.train_idx
+        # captions-only data: relevance is "same item", so the validation items are their own database
+        db = self.val_idx if self.sim.labels is None else self.train_idx
         codes = {
             f"{w}_{m}": self.encode_all(m, idx).cpu().numpy()
             for w, idx in (("query", self.val_idx), ("db", db))

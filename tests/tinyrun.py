@@ -33,7 +33,7 @@ def colour_image(rgb: tuple[int, int, int], rng: np.random.Generator, size: int 
 if "tiny_colours" not in DATASETS:
 
     @register_dataset("tiny_colours")
-    def tiny_colours(n: int = 96, seed: int = 0) -> CrossModalDataset:
+    def tiny_colours(n: int = 96, seed: int = 0, captions_only: bool = False) -> CrossModalDataset:
         rng = np.random.default_rng(seed)
         names = list(COLOURS) + SHAPES
         rows = []
@@ -43,9 +43,13 @@ if "tiny_colours" not in DATASETS:
             labels = np.zeros(len(names), np.uint8)
             labels[names.index(colour)] = 1
             labels[names.index(shape)] = 1
-            rows.append(make_record(f"item{i:03d}", [f"a {colour} {shape}", f"{colour}"], labels,
+            rows.append(make_record(f"item{i:03d}", [f"a {colour} {shape}", f"{colour}"],
+                                    None if captions_only else labels,
                                     image_bytes=colour_image(COLOURS[colour], rng)))  # fmt: skip
-        info = DatasetInfo("tiny_colours", label_names=names, protocol={"n_query": 16, "n_train": 64})
+        if captions_only:  # relevance "same image", one text index entry per caption
+            info = DatasetInfo("tiny_colours", relevance="image", protocol={"n_query": 16, "n_train": 64})
+        else:
+            info = DatasetInfo("tiny_colours", label_names=names, protocol={"n_query": 16, "n_train": 64})
         return CrossModalDataset.from_records(rows, info)
 
 
