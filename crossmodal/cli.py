@@ -227,6 +227,53 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- eval-grid / compare ----------------------------------------------------------------------
+def _grid_args(p: argparse.ArgumentParser, default_losses: str) -> None:
+    p.add_argument(
+        "--config", action="append", help="recipe YAML, repeatable (default: configs/openmoji.yaml)"
+    )
+    p.add_argument("--losses", default=default_losses, help="comma-separated loss names, or 'all'")
+    p.add_argument("--bits", default="16,32,64", help="comma-separated code lengths (default: %(default)s)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/grid or runs/compare)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override"
+    )
+
+
+def _run_grid(args: argparse.Namespace, default_out: str) -> int:
+    from crossmodal.grid import run_grid
+    from crossmodal.losses import list_losses
+
+    losses = (
+        list_losses() if args.losses == "all" else [x.strip() for x in args.losses.split(",") if x.strip()]
+    )
+    unknown = sorted(set(losses) - set(list_losses()))
+    if unknown:
+        raise ValueError(f"unknown loss(es) {', '.join(unknown)}; known losses: {', '.join(list_losses())}")
+    try:
+        bits = [int(b) for b in args.bits.split(",")]
+    except ValueError:
+        raise ValueError(f"--bits must be comma-separated integers, got {args.bits!r}") from None
+    report = run_grid(
+        args.config or ["configs/openmoji.yaml"], losses, bits, args.out or default_out, args.overrides
+    )
+    print(report.read_text(encoding="utf-8").split("\n## ")[0])
+    print(f"report: {report}")
+    return 0
+
+
+@command("eval-grid", "train what is missing and evaluate a grid of recipes x losses x code lengths")
+@args_for(lambda p: _grid_args(p, "dcmh"))
+def cmd_eval_grid(args: argparse.Namespace) -> int:
+    return _run_grid(args, "runs/grid")
+
+
+@command("compare", "train every registered method on identical towers, data and budget; one table")
+@args_for(lambda p: _grid_args(p, "all"))
+def cmd_compare(args: argparse.Namespace) -> int:
+    return _run_grid(args, "runs/compare")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crossmodal",
