@@ -4,9 +4,9 @@ import json
 
 import yaml
 from PIL import Image
+from tinyrun import tiny_config
 
 from crossmodal.cli import main
-from tinyrun import tiny_config
 
 
 def write_recipe(workdir, path):
@@ -18,7 +18,17 @@ def write_recipe(workdir, path):
 def test_grid_trains_evaluates_resumes_and_survives_a_failing_cell(workdir, tmp_path, capsys):
     recipe = write_recipe(workdir, tmp_path / "tiny.yaml")
     out = tmp_path / "grid"
-    argv = ["eval-grid", "--config", str(recipe), "--losses", "dcmh,dpsh", "--bits", "8,12,16", "--out", str(out)]
+    argv = [
+        "eval-grid",
+        "--config",
+        str(recipe),
+        "--losses",
+        "dcmh,dpsh",
+        "--bits",
+        "8,12,16",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| dcmh" in printed and "| dpsh" in printed
