@@ -82,9 +82,22 @@ class RetrievalEngine:
         self._lock = threading.Lock()  # torch modules are not re-entrant across threads
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike[str], mmap: bool = False) -> RetrievalEngine:
-        """Open a run; refuses, naming the difference, a run of another format or code length."""
+    def load(
+        cls, run_dir: str | os.PathLike[str], mmap: bool = False, faiss_threads: int | None = 1
+    ) -> RetrievalEngine:
+        """Open a run; refuses, naming the difference, a run of another format or code length.
+
+        Args:
+            mmap: memory-map the indexes (read-only; saves memory for ``ivf`` indexes).
+            faiss_threads: FAISS threads per search. One query scans fast on one core, and
+                an app serves several queries at once; None keeps FAISS' default.
+        """
+        import faiss
+
         from crossmodal.pipeline import load_model
+
+        if faiss_threads:
+            faiss.omp_set_num_threads(faiss_threads)
 
         run_dir = Path(run_dir)
         manifest = check_run(run_dir, need=("model.safetensors", "image.index", "text.index", "store.sqlite"))

@@ -289,6 +289,34 @@ class BinaryIndex:
             )
         return np.ascontiguousarray(arr)
 
+    def reconstruct(self, ids: Any) -> np.ndarray:
+        """Packed codes ``uint8 [n, bits // 8]`` of stored ids (for re-ranking a shortlist).
+
+        Raises:
+            KeyError: an id is not in the index.
+        """
+        wanted = _as_ids(ids)
+        live = self.ids()
+        missing = wanted[~np.isin(wanted, live)]
+        if missing.size:
+            raise KeyError(f"ids not in the index: {missing[:10].tolist()}")
+        out = np.empty((len(wanted), self.code_size), dtype=np.uint8)
+        index = self._faiss
+        if self.kind == "ivf":
+            if index.direct_map.type != faiss.DirectMap.Hashtable:
+                index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        elif self.kind == "multihash":  # MultiHash keeps codes in a flat storage; map ids to rows
+            id_map = faiss.vector_to_array(index.id_map)
+            order = np.argsort(id_map)
+            rows = order[np.searchsorted(id_map, wanted, sorter=order)]
+            storage = faiss.downcast_IndexBinary(index.index).storage
+            for r, row in enumerate(rows):
+                out[r] = storage.reconstruct(int(row))
+            return out
+        for r, item in enumerate(wanted):
+            out[r] = index.reconstruct(int(item))
+        return out
+
     def _check_writable(self) -> None:
         if self.read_only:
             raise ReadOnlyIndexError(

@@ -150,6 +150,7 @@ def train_run(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
             "best_epoch": state.best_epoch + 1,
             "best_val_map": state.best_score,
             "seconds": seconds,
+            "timings": trainer.timings,
         },
     )
     update_manifest(

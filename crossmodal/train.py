@@ -112,6 +112,7 @@ class Trainer:
         self.sim = Similarity(lab.to(self.device) if lab is not None else None, len(self.train_idx))
         self.inputs: dict[str, ModalityInputs] = {}
         self.state = TrainState()
+        self.timings: dict[str, float] = {}  # seconds per phase: features_image, features_text, epochs
 
     # -- set-up -------------------------------------------------------------------------
     def prepare_inputs(self) -> None:
@@ -122,6 +123,7 @@ class Trainer:
         towers = {"image": model.image_tower, "text": model.text_tower}
         for m, tower in towers.items():
             feats = None
+            started = time.perf_counter()
             if self.frozen[m]:
                 tower.set_trainable(0)
                 desc = tower_description(cfg, m)
@@ -137,6 +139,7 @@ class Trainer:
             elif cfg.train.trainable_blocks is not None and getattr(tower, "pretrained", False):
                 tower.set_trainable(cfg.train.trainable_blocks)
             self.inputs[m] = ModalityInputs(m, self.dataset, tower, feats, texts if m == "text" else None)
+            self.timings[f"features_{m}"] = round(time.perf_counter() - started, 3)
 
     def encode(self, m: str, indices: np.ndarray, train: bool = False) -> torch.Tensor:
         x = self.inputs[m].batch(indices, self.device)
@@ -178,6 +181,7 @@ class Trainer:
         if resume and self.run_dir is not None and (self.run_dir / "checkpoint").exists():
             buffers, B = self.load_checkpoint(opt)
             log.info("resumed from epoch %d", self.state.epoch)
+        loop_started = time.perf_counter()
         bar = tqdm(range(self.state.epoch, t.epochs), desc="train", unit="epoch", disable=not progress)
         for epoch in bar:
             started = time.perf_counter()
@@ -202,6 +206,7 @@ class Trainer:
             if epoch - self.state.best_epoch >= t.patience and self.state.best_epoch >= 0:
                 log.info("early stop at epoch %d (best %d)", epoch + 1, self.state.best_epoch + 1)
                 break
+        self.timings["epochs"] = round(time.perf_counter() - loop_started, 3)
         if self.state.best_state is not None:
             load_trainable_state(self.model, self.loss, self.state.best_state)
         return self.state

@@ -262,3 +262,17 @@ def test_bad_inputs(data):
         index.add(db[:1], [-1])
     with pytest.raises(ValueError, match="2 ids for 3 codes"):
         index.add(db[:3], [1, 2])
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "multihash"])
+def test_reconstruct_returns_the_stored_codes(kind):
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 256, (300, 8), dtype=np.uint8)
+    ids = np.arange(300, dtype=np.int64) * 7 + 3
+    index = create_index(kind, 64)
+    index.train(codes)
+    index.add(codes, ids)
+    pick = rng.choice(300, 20, replace=False)
+    np.testing.assert_array_equal(index.reconstruct(ids[pick]), codes[pick])
+    with pytest.raises(KeyError, match="not in the index"):
+        index.reconstruct([4])
