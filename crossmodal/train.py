@@ -166,9 +166,10 @@ class Trainer:
         self.model.to(self.device)
         self.loss.to(self.device)
         self.prepare_inputs()
-        opt = self.make_optimizer()
         n = len(self.train_idx)
-        self.loss.prepare(n, self.model.bits, self.sim)
+        self.loss.prepare(n, self.model.bits, self.sim)  # may create the loss's own parameters
+        self.loss.to(self.device)
+        opt = self.make_optimizer()
         feats = {
             m: None if src.features is None else src.features[self.train_idx]
             for m, src in self.inputs.items()

@@ -114,10 +114,26 @@ def softplus_stable(x: torch.Tensor) -> torch.Tensor:
     return torch.clamp(x, min=0) + torch.log1p(torch.exp(-torch.abs(x)))
 
 
-def pairwise_nll(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Sum over pairs of log(1 + e^theta) - s * theta with theta = 0.5 * a b^T."""
+def pairwise_nll(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:
+    """Sum over pairs of log(1 + e^theta) - s * theta with theta = 0.5 * a b^T.
+
+    ``pos_weight`` multiplies the terms of similar pairs (s = 1), to balance data where
+    similar pairs are rare (weighted maximum likelihood, as in HashNet, Cao et al. 2017).
+    """
     theta = 0.5 * a @ b.T
-    return (softplus_stable(theta) - s * theta).sum()
+    nll = softplus_stable(theta) - s * theta
+    if pos_weight != 1.0:
+        nll = nll * (1.0 + (pos_weight - 1.0) * s)
+    return nll.sum()
+
+
+def similar_fraction(sim: Similarity, sample: int = 2000, seed: int = 0) -> float:
+    """Fraction of similar pairs among the training items (estimated on a sample of rows)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(sim.n, generator=g)[:sample]
+    if sim.labels is not None:
+        rows = rows.to(sim.labels.device)
+    return float(sim.binary(rows).mean())
 
 
 def sample_columns(

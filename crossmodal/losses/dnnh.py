@@ -44,10 +44,10 @@ def triplet_hinge(
 @register_loss("dnnh")
 class DNNHLoss(HashLoss):
     activation = "piecewise"
+    #: what `crossmodal compare` sets on top of a recipe for this method
+    config_overrides = {"model.head": "dne"}
 
-    def __init__(
-        self, margin: float | None = None, k: int = 16, intra: float = 0.5, seed: int = 0
-    ) -> None:
+    def __init__(self, margin: float | None = None, k: int = 16, intra: float = 0.5, seed: int = 0) -> None:
         super().__init__()
         self.margin, self.k, self.intra = margin, k, intra
         self.generator = torch.Generator().manual_seed(seed)

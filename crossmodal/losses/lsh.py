@@ -49,6 +49,9 @@ def _set_head(head: nn.Linear, mean: np.ndarray, proj: np.ndarray) -> None:
 
 @register_loss("lsh")
 class LSHLoss(HashLoss):
+    #: what `crossmodal compare` sets on top of a recipe: a linear head to hold the hyperplanes
+    config_overrides = {"model.head": "linear"}
+
     def __init__(self, dim: int | None = None, reg: float = 0.5, power: float = 4.0, seed: int = 0) -> None:
         super().__init__()
         self.dim, self.reg, self.power, self.seed = dim, reg, power, seed
@@ -76,8 +79,12 @@ class LSHLoss(HashLoss):
         planes = (cca.corr**self.power)[:, None] * planes
         _set_head(heads["image"], cca.mean_x, cca.wx @ planes)
         _set_head(heads["text"], cca.mean_y, cca.wy @ planes)
-        log.info("lsh: %d CCA directions (top correlations %s), %d hyperplanes",
-                 cca.wx.shape[1], np.round(cca.corr[:4], 3).tolist(), model.bits)
+        log.info(
+            "lsh: %d CCA directions (top correlations %s), %d hyperplanes",
+            cca.wx.shape[1],
+            np.round(cca.corr[:4], 3).tolist(),
+            model.bits,
+        )
         return True
 
     def forward(self, batch: LossBatch) -> dict[str, torch.Tensor]:
