@@ -107,3 +107,22 @@ def test_unknown_loss_lists_the_known_ones():
 def test_bad_loss_parameter_is_refused():
     with pytest.raises(ValueError, match="bad parameters for loss 'dcmh'"):
         create_loss("dcmh", gama=1.0)
+
+
+def test_pos_weight_scales_only_similar_pairs_and_balanced_uses_the_pair_ratio():
+    rng = np.random.default_rng(3)
+    labels, F, G, B, idx, f_b, S = make_batch(rng)
+    t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
+    sim = Similarity(t(labels), len(labels))
+    loss = create_loss("dcmh", gamma=0.0, eta=0.0, intra=0.0, pos_weight=3.0)
+    terms = loss(LossBatch("image", t(f_b), torch.tensor(idx), t(F), t(G), t(B), sim))
+    theta = 0.5 * f_b @ G.T
+    nll = np.log1p(np.exp(theta)) - S[idx] * theta
+    expected = np.sum(nll * np.where(S[idx] > 0, 3.0, 1.0)) / (12 * len(idx))
+    assert float(terms["inter"]) == pytest.approx(expected, rel=1e-9)
+    balanced = create_loss("dcmh", pos_weight="balanced")
+    balanced.prepare(12, 8, sim)
+    p = S.mean()
+    assert balanced.pos_weight == pytest.approx((1 - p) / p, rel=1e-6)
+    with pytest.raises(ValueError, match="pos_weight"):
+        create_loss("dcmh", pos_weight="lots")
