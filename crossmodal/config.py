@@ -70,6 +70,7 @@ class TrainConfig:
     feature_batch_size: int = 64
     cache_dir: str = ".cache/crossmodal/features"
     checkpoint_every: int = 1
+    text_variants: bool = True  # frozen text: each step sees the joined captions or one caption at random
 
 
 @dataclass
@@ -191,7 +192,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
             raise ConfigError(f"config file not found: {p}")
         try:
             raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections")

@@ -63,18 +63,25 @@ class ModalityInputs:
         tower: Any,
         features: torch.Tensor | None = None,
         texts: list[str] | None = None,
+        offsets: np.ndarray | None = None,
     ) -> None:
         self.modality, self.dataset, self.tower = modality, dataset, tower
-        self.features = features  # [n_items, f] when the tower is frozen and cached
+        self.features = features  # [n_items, f] (or [n_texts, f] with offsets) when frozen and cached
         self.texts = texts
+        self.offsets = offsets  # text variants: rows offsets[i]:offsets[i+1] belong to item i
 
     @property
     def from_features(self) -> bool:
         return self.features is not None
 
-    def batch(self, indices: np.ndarray, device: torch.device) -> Any:
+    def batch(self, indices: np.ndarray, device: torch.device, rng: np.random.Generator | None = None) -> Any:
+        """Inputs for ``indices``; with ``rng`` and text variants, a random variant per item."""
         if self.features is not None:
-            return self.features[torch.as_tensor(indices, dtype=torch.long)].to(device)
+            rows = np.asarray(indices)
+            if self.offsets is not None:
+                start, count = self.offsets[rows], self.offsets[rows + 1] - self.offsets[rows]
+                rows = start + (rng.integers(0, count) if rng is not None else 0)
+            return self.features[torch.as_tensor(rows, dtype=torch.long)].to(device)
         if self.modality == "image":
             return image_batch(self.dataset, self.tower, indices).to(device)
         if self.dataset.info.bow_dim:
@@ -89,6 +96,23 @@ def cache_key(dataset: CrossModalDataset, modality: str, tower_desc: dict[str, A
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def text_variants(dataset: CrossModalDataset) -> tuple[list[str], np.ndarray]:
+    """Every text an item can be trained on: its captions joined, then each caption alone.
+
+    Returns the texts and ``offsets [n_items + 1]``: rows ``offsets[i]:offsets[i+1]`` belong
+    to item i, and row ``offsets[i]`` is its joined text (what evaluation and indexing use).
+    Training on single captions too teaches the text side short, keyword-like queries.
+    """
+    texts: list[str] = []
+    offsets = [0]
+    for captions in dataset.table["captions"]:
+        texts.append(" ; ".join(captions))
+        if len(captions) > 1:
+            texts.extend(captions)
+        offsets.append(len(texts))
+    return texts, np.asarray(offsets, dtype=np.int64)
+
+
 @torch.no_grad()
 def extract_features(
     dataset: CrossModalDataset,
@@ -98,32 +122,57 @@ def extract_features(
     cache_dir: str | Path | None,
     batch_size: int = 64,
     device: torch.device | None = None,
-) -> torch.Tensor:
-    """Features of every item from a frozen tower, ``[n_items, feature_dim]`` float32, cached."""
+    variants: bool = False,
+) -> Any:
+    """Features of every item from a frozen tower, ``[n_items, feature_dim]`` float32, cached.
+
+    For text, the features of all ``text_variants`` are computed and cached; with
+    ``variants=True`` they are returned whole with their offsets, else one row per item.
+    """
     device = device or torch.device("cpu")
+    texts, offsets = (None, None)
+    if modality == "text" and not dataset.info.bow_dim:
+        texts, offsets = text_variants(dataset)
+    n = len(texts) if texts is not None else len(dataset)
     path = None
     if cache_dir:
-        key = cache_key(dataset, modality, tower_desc)
+        desc = {**tower_desc, "variants": True} if texts is not None else tower_desc
+        key = cache_key(dataset, modality, desc)
         path = Path(cache_dir) / f"{dataset.name}-{modality}-{tower_desc.get('name', 'tower')}-{key}.npy"
-        if path.exists():
-            feats = np.load(path, allow_pickle=False)
-            if feats.shape == (len(dataset), tower.feature_dim):
-                log.info("reusing cached %s features %s", modality, path)
-                return torch.from_numpy(feats)
-            log.warning("ignoring cache %s with shape %s", path, feats.shape)
-    source = ModalityInputs(
-        modality, dataset, tower, texts=item_texts(dataset) if modality == "text" else None
-    )
+    feats = _load_cache(path, (n, tower.feature_dim))
+    if feats is None:
+        feats = _compute(ModalityInputs(modality, dataset, tower, texts=texts), tower, n, batch_size, device)
+        if path is not None:
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, feats, allow_pickle=False)
+    out = torch.from_numpy(feats)
+    if offsets is None:
+        return (out, None) if variants else out
+    return (out, offsets) if variants else out[torch.from_numpy(offsets[:-1])]
+
+
+def _load_cache(path: Path | None, shape: tuple[int, int]) -> np.ndarray | None:
+    if path is None or not path.exists():
+        return None
+    try:  # never unpickled: a cache file holding objects is refused and recomputed
+        feats = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        log.warning("ignoring unreadable feature cache %s: %s", path, exc)
+        return None
+    if feats.shape != shape:
+        log.warning("ignoring cache %s with shape %s (expected %s)", path, feats.shape, shape)
+        return None
+    log.info("reusing cached features %s", path)
+    return feats
+
+
+def _compute(source: ModalityInputs, tower: Any, n: int, batch_size: int, device: torch.device) -> np.ndarray:
     tower.eval().to(device)
-    out = np.zeros((len(dataset), tower.feature_dim), dtype=np.float32)
-    starts = range(0, len(dataset), batch_size)
-    for s in tqdm(starts, desc=f"{modality} features", unit="batch", leave=False):
-        idx = np.arange(s, min(s + batch_size, len(dataset)))
+    out = np.zeros((n, tower.feature_dim), dtype=np.float32)
+    for s in tqdm(range(0, n, batch_size), desc=f"{source.modality} features", unit="batch", leave=False):
+        idx = np.arange(s, min(s + batch_size, n))
         x = source.batch(idx, device)
-        y = tower(x) if modality == "image" else tower(**x)
+        y = tower(x) if source.modality == "image" else tower(**x)
         out[idx] = y.float().cpu().numpy()
-    if path is not None:
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, out, allow_pickle=False)
-    return torch.from_numpy(out)
+    return out

@@ -28,7 +28,7 @@ from crossmodal.images import ImageDecodeError, open_image
 from crossmodal.index import BinaryIndex, create_index
 from crossmodal.io import atomic_path
 from crossmodal.models.hasher import TwoTowerHasher
-from crossmodal.run import RunError, check_run, load_run_config, update_manifest
+from crossmodal.run import RunError, RunUpdate, check_run, load_run_config, recover_run
 from crossmodal.store import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,13 @@ def encode_items(
 
 
 def write_thumbnails(
-    dataset: CrossModalDataset, indices: np.ndarray, run_dir: Path, ids: np.ndarray
+    dataset: CrossModalDataset, indices: np.ndarray, run_dir: Path, ids: np.ndarray, overwrite: bool = False
 ) -> list[str]:
-    """Image paths for the store: the original files, or thumbnails of inline images."""
+    """Image paths for the store: the original files, or thumbnails of inline images.
+
+    An existing thumbnail is kept unless ``overwrite`` (new ids may meet thumbnails left by
+    an interrupted run whose store was rolled back).
+    """
     rows = dataset.table.select(np.asarray(indices).tolist()).select_columns(
         ["id", "image_path", "image_bytes"]
     )
@@ -97,11 +101,11 @@ def write_thumbnails(
             continue
         rel = f"images/{int(item_id)}.png"
         target = run_dir / rel
-        if not target.exists():
+        if overwrite or not target.exists():
             try:
                 img = open_image(row["image_bytes"], max_side=THUMB_SIDE)
                 buf = io.BytesIO()
-                img.save(buf, format="PNG", optimize=True)
+                img.save(buf, format="PNG")
                 with atomic_path(target) as tmp:
                     tmp.write_bytes(buf.getvalue())
             except ImageDecodeError as exc:
@@ -135,6 +139,7 @@ def index_run(
     from crossmodal.pipeline import load_model, open_dataset, split_indices
 
     run_dir = Path(run_dir)
+    recover_run(run_dir)
     cfg = load_run_config(run_dir)
     manifest = check_run(run_dir, need=("model.safetensors", "splits.json"))
     kind = kind or cfg.index.kind
@@ -159,14 +164,15 @@ def index_run(
     text_index = build_index(
         kind, model.bits, params, model, dataset, db, "text", feats["text"], unit_texts, text_ids, progress
     )
-    image_index.save(run_dir / "image.index")
-    text_index.save(run_dir / "text.index")
-    write_store(run_dir, dataset, db, units)
-    seconds = time.perf_counter() - started
-    info = {"kind": kind, "params": image_index.params, "items": int(image_index.ntotal),
-            "texts": int(text_index.ntotal), "seconds": round(seconds, 2),
-            "text_units": "caption" if per_caption else "item"}  # fmt: skip
-    update_manifest(run_dir, ["image.index", "text.index", "store.sqlite"], index=info)
+    with RunUpdate(run_dir) as update:  # all four files replace the old ones together
+        image_index.save(update.path("image.index"))
+        text_index.save(update.path("text.index"))
+        write_store(run_dir, dataset, db, units, update.path("store.sqlite"))
+        seconds = time.perf_counter() - started
+        info = {"kind": kind, "params": image_index.params, "items": int(image_index.ntotal),
+                "texts": int(text_index.ntotal), "seconds": round(seconds, 2),
+                "text_units": "caption" if per_caption else "item"}  # fmt: skip
+        update.commit(index=info)
     log.info("indexed %d images and %d texts in %.1f s", info["items"], info["texts"], seconds)
     return info
 
@@ -196,7 +202,14 @@ def build_index(
     return index
 
 
-def write_store(run_dir: Path, dataset: CrossModalDataset, indices: np.ndarray, units: list[dict]) -> None:
+def write_store(
+    run_dir: Path,
+    dataset: CrossModalDataset,
+    indices: np.ndarray,
+    units: list[dict],
+    path: Path | None = None,
+) -> None:
+    """Write the store (at ``path``, default ``run_dir/store.sqlite``) and the thumbnails it names."""
     labels = dataset.labels_matrix()
     names = dataset.info.label_names
     paths = write_thumbnails(dataset, indices, run_dir, indices)
@@ -212,7 +225,7 @@ def write_store(run_dir: Path, dataset: CrossModalDataset, indices: np.ndarray, 
         for i, key, path in zip(indices, keys, paths)
     )
     MetadataStore.build(
-        run_dir / "store.sqlite", items, units, meta={"label_names": names, "dataset": dataset.name}
+        path or run_dir / "store.sqlite", items, units, meta={"label_names": names, "dataset": dataset.name}
     ).close()
 
 
@@ -221,14 +234,16 @@ def add_to_run(
 ) -> dict[str, Any]:
     """Add every item of a dataset (a registered name, or an image folder) to a run's indexes.
 
-    New items get ids after the largest in the store; nothing is retrained. The indexes
-    and the store are each replaced atomically, the store last but before the manifest.
+    New items get ids after the largest in the store; nothing is retrained. The indexes,
+    the store and the manifest are replaced together (``RunUpdate``): a crash leaves the run
+    as it was or, within the renames, refused until the command is run again.
     """
     import shutil
 
     from crossmodal.pipeline import load_model, open_dataset
 
     run_dir = Path(run_dir)
+    recover_run(run_dir)
     manifest = check_run(run_dir, need=("model.safetensors", "image.index", "text.index", "store.sqlite"))
     cfg = load_run_config(run_dir)
     options = dict(options or {})
@@ -260,18 +275,18 @@ def add_to_run(
     text_ids = np.array([u["text_id"] for u in units], dtype=np.int64)
     for pos, codes in encode_items(model, dataset, positions, "text", texts=texts, progress=progress):
         indexes["text"].add(pack_codes(codes.numpy()), text_ids[pos])
-    paths = write_thumbnails(dataset, positions, run_dir, item_ids)
+    paths = write_thumbnails(dataset, positions, run_dir, item_ids, overwrite=True)
     keys = dataset.table["id"]
     items = [{"item_id": int(i), "key": k, "image_path": p, "labels": [], "source": dataset.name}
              for i, k, p in zip(item_ids, keys, paths)]  # fmt: skip
-    for m in ("image", "text"):
-        indexes[m].save(run_dir / f"{m}.index")
-    with atomic_path(run_dir / "store.sqlite") as tmp:
-        shutil.copyfile(run_dir / "store.sqlite", tmp)
-        with MetadataStore.open(tmp, readonly=False) as store:
+    info = {**manifest["index"], "items": int(indexes["image"].ntotal), "texts": int(indexes["text"].ntotal)}
+    info["added"] = [*info.get("added", []), {"source": source, "items": len(items), "texts": len(units)}]
+    with RunUpdate(run_dir) as update:
+        for m in ("image", "text"):
+            indexes[m].save(update.path(f"{m}.index"))
+        shutil.copyfile(run_dir / "store.sqlite", update.path("store.sqlite"))
+        with MetadataStore.open(update.path("store.sqlite"), readonly=False) as store:
             store.add_items(items)
             store.add_texts(units)
-    info = {**manifest["index"], "items": int(indexes["image"].ntotal), "texts": int(indexes["text"].ntotal)}
-    info.setdefault("added", []).append({"source": source, "items": len(items), "texts": len(units)})
-    update_manifest(run_dir, ["image.index", "text.index", "store.sqlite"], index=info)
+        update.commit(index=info)
     return {"added_items": len(items), "added_texts": len(units), **info}

@@ -124,25 +124,23 @@ class Trainer:
         for m, tower in towers.items():
             feats = None
             started = time.perf_counter()
+            offsets = None
             if self.frozen[m]:
                 tower.set_trainable(0)
                 desc = tower_description(cfg, m)
-                feats = extract_features(
-                    self.dataset,
-                    m,
-                    tower,
-                    desc,
-                    cfg.train.cache_dir,
-                    cfg.train.feature_batch_size,
-                    self.device,
+                cache, fbs = cfg.train.cache_dir, cfg.train.feature_batch_size
+                feats, offsets = extract_features(
+                    self.dataset, m, tower, desc, cache, fbs, self.device, variants=True
                 )
             elif cfg.train.trainable_blocks is not None and getattr(tower, "pretrained", False):
                 tower.set_trainable(cfg.train.trainable_blocks)
-            self.inputs[m] = ModalityInputs(m, self.dataset, tower, feats, texts if m == "text" else None)
+            self.inputs[m] = ModalityInputs(
+                m, self.dataset, tower, feats, texts if m == "text" else None, offsets
+            )
             self.timings[f"features_{m}"] = round(time.perf_counter() - started, 3)
 
-    def encode(self, m: str, indices: np.ndarray, train: bool = False) -> torch.Tensor:
-        x = self.inputs[m].batch(indices, self.device)
+    def encode(self, m: str, indices: np.ndarray, rng: np.random.Generator | None = None) -> torch.Tensor:
+        x = self.inputs[m].batch(indices, self.device, rng)
         enc = self.model.encode_image if m == "image" else self.model.encode_text
         return enc(x, from_features=self.inputs[m].from_features)
 
@@ -229,7 +227,9 @@ class Trainer:
         bs = self.cfg.train.batch_size
         for s in range(0, len(order), bs):
             pos = torch.as_tensor(order[s : s + bs], device=self.device)
-            codes = self.encode(m, self.train_idx[pos.cpu().numpy()], train=True)
+            codes = self.encode(
+                m, self.train_idx[pos.cpu().numpy()], rng if self.cfg.train.text_variants else None
+            )
             batch = LossBatch(m, codes, pos, buffers[m], other, B, self.sim)
             terms = self.loss(batch)
             total = sum(terms.values())
