@@ -144,8 +144,11 @@ def result_json(result: SearchResult, describe: dict[str, Any], ignored: list[st
 
 # -- the app ---------------------------------------------------------------------------------------
 def allowed_roots(engine: RetrievalEngine) -> list[Path]:
-    """The run folder, the dataset's image root and any image folders added to the run."""
-    roots = [Path(engine.run_dir).resolve()]
+    """The run's thumbnails, the dataset's image root and any image folders added to the run.
+
+    Never the run folder itself: it holds the model, the indexes and the store.
+    """
+    roots = [(Path(engine.run_dir) / "images").resolve()]
     image_root = engine.manifest.get("dataset_info", {}).get("image_root")
     added = [a.get("source", "") for a in engine.manifest.get("index", {}).get("added", [])]
     for folder in [image_root, *added]:

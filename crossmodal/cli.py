@@ -302,12 +302,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     from crossmodal.config import ConfigError
+    from crossmodal.index import IndexFileError
     from crossmodal.registry import UnknownNameError
     from crossmodal.run import RunError
+    from crossmodal.store import StoreError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, UnknownNameError, RunError, FileNotFoundError, ValueError) as exc:
+    except (
+        ConfigError,
+        UnknownNameError,
+        RunError,
+        FileNotFoundError,
+        ValueError,
+        IndexFileError,
+        StoreError,
+    ) as exc:
         print(f"crossmodal {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -26,9 +26,17 @@ from PIL import Image
 
 from crossmodal.codes import codes_to_hex, pack_codes, unpack_codes, weighted_hamming
 from crossmodal.images import open_image
-from crossmodal.index import PAD_DISTANCE, BinaryIndex
-from crossmodal.run import RunError, check_run, load_run_config
-from crossmodal.store import MetadataStore
+from crossmodal.index import PAD_DISTANCE, BinaryIndex, IndexFileError
+from crossmodal.run import (
+    INDEX_FILES,
+    JOURNAL,
+    RunError,
+    check_run,
+    load_run_config,
+    read_manifest,
+    verify_files,
+)
+from crossmodal.store import MetadataStore, StoreError
 from crossmodal.text import QueryError
 
 log = logging.getLogger(__name__)
@@ -91,6 +99,10 @@ class RetrievalEngine:
             mmap: memory-map the indexes (read-only; saves memory for ``ivf`` indexes).
             faiss_threads: FAISS threads per search. One query scans fast on one core, and
                 an app serves several queries at once; None keeps FAISS' default.
+
+        Raises:
+            RunError: a file is missing, damaged, of another version, code length or model, or
+                differs from the checksums in the manifest; the message says what to re-run.
         """
         import faiss
 
@@ -100,24 +112,32 @@ class RetrievalEngine:
             faiss.omp_set_num_threads(faiss_threads)
 
         run_dir = Path(run_dir)
-        manifest = check_run(run_dir, need=("model.safetensors", "image.index", "text.index", "store.sqlite"))
+        need = ("model.safetensors", "image.index", "text.index", "store.sqlite")
+        manifest = read_manifest(run_dir) if run_dir.is_dir() else {}
+        checked = ("model.safetensors", *manifest.get("tower_files", []), *INDEX_FILES)
+        # After an interrupted update, say so before any file-specific complaint.
+        manifest = check_run(run_dir, need=need, verify=checked if (run_dir / JOURNAL).exists() else ())
         cfg = load_run_config(run_dir)
-        if cfg.model.bits != manifest.get("bits"):
-            raise RunError(
-                f"{run_dir}: code length differs: config.yaml says {cfg.model.bits} bits, "
-                f"manifest.json {manifest.get('bits')} bits; re-run crossmodal train and index"
-            )
+        _check_config(run_dir, cfg, manifest)
         model, loss = load_model(run_dir, cfg)
-        indexes = {
-            m: BinaryIndex.load(run_dir / f"{m}.index", mmap=mmap, expected_bits=cfg.model.bits)
-            for m in ("image", "text")
-        }
-        store = MetadataStore.open(run_dir / "store.sqlite")
-        if store.count_items() != indexes["image"].ntotal:
-            raise RunError(
-                f"{run_dir}: store.sqlite holds {store.count_items()} items but image.index "
-                f"{indexes['image'].ntotal}; re-run: crossmodal index --run {run_dir}"
-            )
+        try:  # one error type (RunError) for every broken part of a run folder
+            indexes = {
+                m: BinaryIndex.load(run_dir / f"{m}.index", mmap=mmap, expected_bits=cfg.model.bits)
+                for m in ("image", "text")
+            }
+            store = MetadataStore.open(run_dir / "store.sqlite")
+        except (IndexFileError, StoreError) as exc:
+            raise RunError(f"{exc}; re-run: crossmodal index --run {run_dir}") from None
+        try:
+            if store.count_items() != indexes["image"].ntotal:
+                raise RunError(
+                    f"{run_dir}: store.sqlite holds {store.count_items()} items but image.index "
+                    f"{indexes['image'].ntotal}; re-run: crossmodal index --run {run_dir}"
+                )
+            verify_files(run_dir, manifest, checked)  # a replaced file may still load: compare checksums
+        except RunError:
+            store.close()
+            raise
         return cls(run_dir, model, loss, indexes, store, manifest)
 
     # -- encoding ---------------------------------------------------------------------------
@@ -141,7 +161,7 @@ class RetrievalEngine:
     # -- searching ---------------------------------------------------------------------------
     def _search(self, packed: np.ndarray, target: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         index = self.indexes[target]
-        if not isinstance(k, int | np.integer) or k < 1:
+        if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         k = min(int(k), max(index.ntotal, 1))
         if self.bit_weights is None:
@@ -254,6 +274,22 @@ class RetrievalEngine:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _check_config(run_dir: Path, cfg: Any, manifest: dict[str, Any]) -> None:
+    """Refuse a config.yaml that names another code length or tower than the trained run."""
+    if cfg.model.bits != manifest.get("bits"):
+        raise RunError(
+            f"{run_dir}: code length differs: config.yaml says {cfg.model.bits} bits, "
+            f"manifest.json {manifest.get('bits')} bits; re-run crossmodal train and index"
+        )
+    for side in ("image_tower", "text_tower"):
+        if manifest.get(side) is not None and getattr(cfg.model, side) != manifest[side]:
+            raise RunError(
+                f"{run_dir}: config.yaml names the {side.replace('_', ' ')} {getattr(cfg.model, side)!r} "
+                f"but the run was trained with {manifest[side]!r} (manifest.json); restore config.yaml "
+                "or re-run crossmodal train and index"
+            )
 
 
 def _label(image: ImageInput) -> str:

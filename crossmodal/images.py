@@ -53,9 +53,15 @@ def open_image(
         try:
             img = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
+            if _looks_like_svg(data):
+                raise ImageDecodeError(
+                    f"SVG (vector) images are not supported: {name}; upload a PNG or JPEG"
+                ) from None
             raise ImageDecodeError(f"not a readable image (unknown format): {name}") from None
         except Image.DecompressionBombError as exc:
             raise ImageDecodeError(f"image too large to decode safely: {name}: {exc}") from None
+        except (OSError, SyntaxError, ValueError) as exc:  # a header cut short (e.g. a JPEG)
+            raise ImageDecodeError(f"image is truncated or corrupt: {name}: {exc}") from None
     w, h = img.size
     if w * h > max_pixels:
         raise ImageDecodeError(f"image too large: {w}x{h} = {w * h:,} pixels, limit {max_pixels:,}: {name}")
@@ -71,6 +77,11 @@ def open_image(
     if max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     return img
+
+
+def _looks_like_svg(data: bytes) -> bool:
+    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in data[:4096].lower())
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -12,13 +12,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from crossmodal.config import Config
 from crossmodal.data import CrossModalDataset, DatasetInfo, create_dataset
-from crossmodal.io import write_json_atomic
+from crossmodal.io import write_json_atomic, write_text_atomic
 from crossmodal.models.hasher import TwoTowerHasher
-from crossmodal.run import RunError, check_run, load_run_config, update_manifest
+from crossmodal.run import RunError, check_run, invalidate_products, load_run_config, update_manifest
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +96,23 @@ def load_model(run_dir: str | os.PathLike[str], cfg: Config | None = None) -> tu
     manifest = check_run(run_dir, need=("model.safetensors",))
     info = DatasetInfo(**manifest["dataset_info"]) if "dataset_info" in manifest else None
     model = build_model(cfg, info)
-    extra = {name: (run_dir / name).read_text(encoding="utf-8") for name in manifest.get("tower_files", [])}
-    if extra:
-        model.text_tower.load_extra_state(extra)
+    try:
+        extra = {
+            name: (run_dir / name).read_text(encoding="utf-8") for name in manifest.get("tower_files", [])
+        }
+        if extra:
+            model.text_tower.load_extra_state(extra)
+    except (OSError, ValueError) as exc:  # a missing, binary or malformed vocab.json
+        raise RunError(
+            f"{run_dir}: cannot read the text tower's files {manifest.get('tower_files')}: {exc}"
+        ) from None
     loss = create_loss(cfg.loss.name, **cfg.loss.params)
-    state = load_file(str(run_dir / "model.safetensors"))
+    try:  # safetensors holds tensors only: nothing in the file can run code
+        state = load_file(str(run_dir / "model.safetensors"))
+    except (SafetensorError, OSError) as exc:
+        raise RunError(
+            f"{run_dir}/model.safetensors is not a valid safetensors file ({exc}); re-run crossmodal train"
+        ) from None
     try:
         n_labels = len(info.label_names) if info is not None and info.relevance == "labels" else 0
         loss.prepare(1, model.bits, Similarity(torch.zeros(1, n_labels) if n_labels else None, 1))
@@ -119,6 +132,7 @@ def train_run(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
     check_names(cfg)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    invalidate_products(run_dir)
     torch.manual_seed(cfg.train.seed)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -135,7 +149,7 @@ def train_run(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
     files = ["config.yaml", "splits.json", "model.safetensors"]
     tower_files = []
     for name, text in model.text_tower.extra_state_files().items():
-        (run_dir / name).write_text(text, encoding="utf-8")
+        write_text_atomic(run_dir / name, text)
         tower_files.append(name)
     files += tower_files
     save_model(

@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import platform
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,9 @@ from crossmodal.io import sha256_file, write_json_atomic
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+JOURNAL = ".update.json"  # present only while a RunUpdate renames its files into place
+STAGING_PREFIX = ".staging-"
+INDEX_FILES = ("image.index", "image.index.json", "text.index", "text.index.json", "store.sqlite")
 
 
 class RunError(RuntimeError):
@@ -93,13 +98,173 @@ def check_run(
                 "crossmodal index --run" if name.endswith((".index", ".sqlite")) else "crossmodal train --run"
             )
             raise RunError(f"{run_dir} has no {name}; create it with: {hint} {run_dir}")
-    for name in verify:
-        expected = manifest.get("files", {}).get(name)
-        if expected and sha256_file(run_dir / name) != expected:
-            raise RunError(
-                f"{run_dir / name} does not match the checksum in {MANIFEST}: it changed or is damaged"
-            )
+    verify_files(run_dir, manifest, verify)
     return manifest
+
+
+def verify_files(run_dir: str | os.PathLike[str], manifest: dict[str, Any], names: tuple[str, ...]) -> None:
+    """Compare the files ``names`` with the checksums in ``manifest`` (names it lacks are skipped).
+
+    Raises:
+        RunError: a file is missing or differs; the message says which and what to re-run.
+    """
+    run_dir = Path(run_dir)
+    for name in names:
+        expected = manifest.get("files", {}).get(name)
+        path = run_dir / name
+        if not expected:
+            continue
+        if path.is_file() and sha256_file(path) == expected:
+            continue
+        state = "differs from" if path.is_file() else "is missing, though listed in"
+        if (run_dir / JOURNAL).exists():
+            why = f"an interrupted update ({JOURNAL}) left {run_dir} half-replaced"
+        else:
+            why = "it changed or is damaged"
+        again = "crossmodal index --run" if name in INDEX_FILES else "crossmodal train --run"
+        raise RunError(
+            f"{path} {state} the checksum in {MANIFEST}: {why}; re-run the interrupted command "
+            f"(e.g. {again} {run_dir}) to rebuild it"
+        )
+
+
+class RunUpdate:
+    """Replace several files of a run folder as one unit, the manifest last.
+
+        with RunUpdate(run_dir) as update:
+            index.save(update.path("image.index"))
+            update.commit(index=info)
+
+    New files are written under ``update.path(name)``, in a hidden staging folder inside
+    the run folder. ``commit`` checksums them into the next manifest, hard-links the current
+    files into the staging folder as backups, writes a journal (``.update.json``), renames
+    each staged file into place, the manifest last, and removes the journal. A process
+    killed before the journal leaves the run as it was; one killed during the renames (or
+    before the journal is removed) leaves a journal: readers refuse a set whose checksums
+    differ from the manifest, and ``recover_run``, which every writer calls first, rolls the
+    update back, so that running the command again does its work once.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.run_dir = Path(run_dir)
+        self.dir: Path | None = None
+        self.committed = False
+
+    def __enter__(self) -> RunUpdate:
+        self.dir = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.run_dir))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.dir is not None and not self.committed:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def path(self, name: str) -> Path:
+        """Where to write the next version of the run file ``name`` (a plain file name)."""
+        if self.dir is None:
+            raise RuntimeError("RunUpdate.path() outside its with-block")
+        if Path(name).name != name or name.startswith(".") or name == MANIFEST:
+            raise ValueError(f"{name!r} is not a plain run file name")
+        return self.dir / name
+
+    def commit(self, **fields: Any) -> dict[str, Any]:
+        """Move every staged file into place and write the manifest updated with ``fields``."""
+        assert self.dir is not None
+        names = sorted(p.name for p in self.dir.iterdir() if p.is_file() and not p.name.startswith("."))
+        path = self.run_dir / MANIFEST
+        manifest = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        manifest.update(fields, format_version=RUN_FORMAT_VERSION, crossmodal_version=__version__)
+        manifest.setdefault("python", platform.python_version())
+        checksums = manifest.setdefault("files", {})
+        for name in names:
+            checksums[name] = sha256_file(self.dir / name)
+        write_json_atomic(self.dir / MANIFEST, manifest)
+        order = [*names, MANIFEST]
+        backups = self.dir / ".old"
+        backups.mkdir()
+        existing = [n for n in order if (self.run_dir / n).is_file()]
+        for name in existing:
+            _link_or_copy(self.run_dir / name, backups / name)
+        write_json_atomic(
+            self.run_dir / JOURNAL, {"staging": self.dir.name, "files": order, "existing": existing}
+        )
+        for name in order:
+            os.replace(self.dir / name, self.run_dir / name)
+        (self.run_dir / JOURNAL).unlink()
+        self.committed = True
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return manifest
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def recover_run(run_dir: str | os.PathLike[str]) -> bool:
+    """Undo an update interrupted by a crash, and remove leftover temporary files.
+
+    Writers call this first. A journal means the command that wrote it did not finish: the
+    files it backed up are put back and those it added removed, so running the command
+    again does its work once. Safe to call again if interrupted itself.
+
+    Returns:
+        Whether an interrupted update was rolled back.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return False
+    journal = run_dir / JOURNAL
+    rolled_back = journal.exists()
+    if rolled_back:
+        try:
+            plan = json.loads(journal.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RunError(f"{journal} is unreadable ({exc}); delete it and re-run the command") from None
+        staging = run_dir / plan["staging"]
+        for name in plan["files"]:
+            backup = staging / ".old" / name
+            if name not in plan["existing"]:
+                (run_dir / name).unlink(missing_ok=True)
+            elif backup.exists():
+                os.replace(backup, run_dir / name)
+        journal.unlink()
+        log.warning("%s: rolled back an interrupted update (%s)", run_dir, ", ".join(plan["files"]))
+    for leftover in run_dir.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in [*run_dir.glob(".*.tmp"), *run_dir.glob("images/.*.tmp")]:
+        leftover.unlink(missing_ok=True)
+    return rolled_back
+
+
+def invalidate_products(run_dir: str | os.PathLike[str]) -> list[str]:
+    """Remove what a (re)trained model makes stale: indexes, store and evaluation.
+
+    Called before training into an existing run folder, so that a new model is never
+    served with the codes of the old one. Returns the names removed.
+    """
+    import shutil
+
+    run_dir = Path(run_dir)
+    removed = [name for name in INDEX_FILES if (run_dir / name).exists()]
+    path = run_dir / MANIFEST
+    if path.exists():
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        for key in ("index", "eval"):
+            manifest.pop(key, None)
+        files = manifest.get("files", {})
+        for name in [*INDEX_FILES, "eval/metrics.json", "eval/report.md"]:
+            files.pop(name, None)
+        write_json_atomic(path, manifest)  # first: the manifest no longer vouches for them
+    for name in removed:
+        (run_dir / name).unlink()
+    if (run_dir / "eval").is_dir():
+        shutil.rmtree(run_dir / "eval")
+        removed.append("eval/")
+    if removed:
+        log.info("removed stale %s from %s", ", ".join(removed), run_dir)
+    return removed
 
 
 def load_run_config(run_dir: str | os.PathLike[str]) -> Config:

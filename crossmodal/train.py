@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -27,6 +28,7 @@ from crossmodal.features import ModalityInputs, extract_features, item_texts
 from crossmodal.io import atomic_path, write_json_atomic
 from crossmodal.losses import HashLoss, LossBatch, Similarity, create_loss
 from crossmodal.models.hasher import TwoTowerHasher
+from crossmodal.run import RunError
 
 log = logging.getLogger(__name__)
 
@@ -301,8 +303,13 @@ class Trainer:
 
     def load_checkpoint(self, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         ck = self.run_dir / "checkpoint"
-        meta = json.loads((ck / "state.json").read_text())
-        tensors = load_file(str(ck / "state.safetensors"), device=str(self.device))
+        try:
+            meta = json.loads((ck / "state.json").read_text())
+            tensors = load_file(str(ck / "state.safetensors"), device=str(self.device))
+        except (OSError, ValueError, SafetensorError) as exc:
+            raise RunError(
+                f"cannot resume from {ck}: {exc}; remove that folder to train from scratch"
+            ) from None
         load_trainable_state(
             self.model, self.loss, {k[4:]: v for k, v in tensors.items() if k.startswith("cur.")}
         )

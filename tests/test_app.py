@@ -172,7 +172,7 @@ def test_only_run_files_are_served(served, tmp_path):
 
 def test_allowed_roots_and_examples(app_module, served):
     _, engine, _ = served
-    assert app_module.allowed_roots(engine) == [Path(engine.run_dir).resolve()]
+    assert app_module.allowed_roots(engine) == [(Path(engine.run_dir) / "images").resolve()]
     queries = app_module.example_queries(engine)
     assert 0 < len(queries) <= app_module.N_EXAMPLES and "cat" not in queries
     assert set(queries) <= set(engine.store.get_meta("label_names")) | {"a red square"}, queries

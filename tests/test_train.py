@@ -90,3 +90,20 @@ def test_cli_refuses_bad_code_length(capsys):
     assert "multiple of 8" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         tiny_config(__import__("pathlib").Path("."), "model.bits=7")
+
+
+def test_retraining_an_indexed_run_removes_its_stale_indexes(tiny_run, workdir, tmp_path):
+    import shutil
+
+    from crossmodal.engine import RetrievalEngine
+    from crossmodal.pipeline import train_run
+    from crossmodal.run import RunError
+
+    shutil.copytree(tiny_run, tmp_path / "tiny")
+    assert (tmp_path / "tiny" / "image.index").exists()
+    train_run(tiny_config(workdir, f"runs_dir={tmp_path}", "train.epochs=2"), progress=False)
+    manifest = json.loads((tmp_path / "tiny" / "manifest.json").read_text())
+    assert "index" not in manifest and "image.index" not in manifest["files"]
+    assert not (tmp_path / "tiny" / "image.index").exists()
+    with pytest.raises(RunError, match="crossmodal index"):
+        RetrievalEngine.load(tmp_path / "tiny")

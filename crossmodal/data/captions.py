@@ -33,7 +33,7 @@ from crossmodal.data.records import (
     make_record,
 )
 from crossmodal.data.splits import fit_protocol
-from crossmodal.images import ImageDecodeError, open_image
+from crossmodal.images import MAX_PIXELS, ImageDecodeError, open_image
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ LOADER_VERSION = 1
 CHECK_MODES = ("none", "header", "full")
 TEXT_COLUMNS = ("text", "caption", "captions")
 MAX_REPORTED = 20  # problems listed by name in logs and stats; all are counted
+_INVALID_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that errors="surrogateescape" could not decode
 
 
 @dataclass
@@ -115,9 +116,12 @@ def check_image(source: Path | bytes, mode: str) -> str | None:
     try:
         fh = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
         with fh, Image.open(fh) as img:
+            width, height = img.size
             img.verify()
     except Exception as exc:  # PIL raises many types for broken files
         return f"{type(exc).__name__}: {exc}"
+    if width * height > MAX_PIXELS:  # open_image would refuse it later, so refuse it now
+        return f"image too large: {width}x{height} = {width * height:,} pixels, limit {MAX_PIXELS:,}"
     return None
 
 
@@ -299,11 +303,14 @@ def _metadata_rows(path: Path, problems: Problems) -> Iterator[tuple[str, dict[s
     if path.suffix.lower() == ".csv":
         yield from _csv_rows(path, problems)
         return
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             where = f"{path.name} line {lineno}"
+            if _INVALID_UTF8.search(line):
+                problems.add("bad_lines", f"{where}: not valid UTF-8")
+                continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -316,7 +323,7 @@ def _metadata_rows(path: Path, problems: Problems) -> Iterator[tuple[str, dict[s
 
 
 def _csv_rows(path: Path, problems: Problems) -> Iterator[tuple[str, dict[str, Any]]]:
-    with open(path, encoding="utf-8", newline="") as fh:
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
         while True:
@@ -330,6 +337,9 @@ def _csv_rows(path: Path, problems: Problems) -> Iterator[tuple[str, dict[str, A
             where = f"{path.name} line {reader.line_num}"
             if None in row or any(row.get(h) is None for h in header):
                 problems.add("bad_lines", f"{where}: {len(header)} fields expected ({', '.join(header)})")
+                continue
+            if any(_INVALID_UTF8.search(v) for v in row.values() if isinstance(v, str)):
+                problems.add("bad_lines", f"{where}: not valid UTF-8")
                 continue
             yield where, row
 

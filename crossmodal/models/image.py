@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import math
 import os
+import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,17 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # it holds more than tensors: refused, never executed
+        why = next((ln.strip() for ln in str(exc).splitlines() if ln.strip().startswith("Unsupported")), "")
+        raise ValueError(
+            f"{path} is not a plain weights file: it holds pickled objects other than tensors, which "
+            f"crossmodal refuses to load (torch.load weights_only=True){': ' + why if why else ''}; "
+            "convert it to .safetensors or a plain state dict"
+        ) from None
+    except (RuntimeError, EOFError) as exc:
+        raise ValueError(f"{path} is not a readable torch weights file: {exc}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
