@@ -1,4 +1,5 @@
-# make demo: set up, build the OpenMoji default, train, index, evaluate and open the app.
+# make demo: set up, build the OpenMoji default, train, index, evaluate and open the app
+# (make run: the same without the app).
 # make test: set up and run the test suite.    make bench: run the benchmarks.
 # Each target bootstraps .venv itself and skips the steps whose output already exists.
 
@@ -9,7 +10,7 @@ CM := $(VENV)/bin/crossmodal
 STAMP := $(VENV)/.installed
 RUN := runs/openmoji
 
-.PHONY: demo test bench lint clean
+.PHONY: run demo test bench lint clean
 
 $(PY):
 	@$(PYTHON) -m venv $(VENV)
@@ -20,19 +21,23 @@ $(STAMP): pyproject.toml | $(PY)
 	@$(PY) -m pip install -q -e '.[test]'
 	@touch $@
 
-demo: $(STAMP)
+run: $(STAMP)
 	@$(CM) build-data openmoji
 	@$(CM) train --config configs/openmoji.yaml --if-missing
 	@$(CM) index --run $(RUN) --if-missing
 	@$(CM) eval --run $(RUN) --if-missing
+
+demo: run
 	@$(PY) app.py --run $(RUN)
 
 test: $(STAMP)
 	@$(PY) -m pytest -q -p no:cacheprovider
 
-bench: $(STAMP)
-	@$(PY) scripts/bench_search.py --out docs/bench_search.json
-	@$(PY) scripts/bench_train.py
+bench: run
+	@mkdir -p runs/bench
+	@$(PY) scripts/bench_search.py --json runs/bench/search.json
+	@$(PY) scripts/bench_train.py --out runs/bench/train.json
+	@$(PY) scripts/bench_engine.py --run $(RUN) --out runs/bench/engine.json
 
 lint: $(STAMP)
 	@$(VENV)/bin/ruff check crossmodal app.py scripts tests

@@ -314,7 +314,9 @@ class HFTextTower(TextTower):
     ) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # a bar per model load; the CLI has its own progress bars
         self.model_name = str(model)
         self.max_length = max_length
         self.normalize = normalize
