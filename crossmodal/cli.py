@@ -41,7 +41,7 @@ def _options(pairs: list[str] | None) -> dict[str, object]:
     out: dict[str, object] = {}
     for item in pairs or []:
         if "=" not in item:
-            raise SystemExit(f"error: option {item!r} must look like key=value")
+            raise ValueError(f"option {item!r} must look like key=value")
         key, value = item.split("=", 1)
         out[key] = yaml.safe_load(value) if value else ""
     return out
@@ -55,10 +55,8 @@ def _build_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even when a built copy exists")
 
 
-@command("build-data", "build a dataset into data/built (the OpenMoji default needs no download)")
-@args_for(_build_data_args)
-def cmd_build_data(args: argparse.Namespace) -> int:
-    from crossmodal.data.info import describe
+def _open_from_args(args: argparse.Namespace):
+    """The dataset named on the command line, with ``--root``, ``-o`` options and ``--force``."""
     from crossmodal.pipeline import open_dataset
 
     options = _options(args.option)
@@ -66,8 +64,16 @@ def cmd_build_data(args: argparse.Namespace) -> int:
         options["root"] = args.root
     if args.force:
         options["force"] = True
+    return open_dataset(args.dataset, options)
+
+
+@command("build-data", "build a dataset into data/built (the OpenMoji default needs no download)")
+@args_for(_build_data_args)
+def cmd_build_data(args: argparse.Namespace) -> int:
+    from crossmodal.data.info import describe
+
     started = time.perf_counter()
-    dataset = open_dataset(args.dataset, options)
+    dataset = _open_from_args(args)
     if args.dataset == "openmoji":
         from crossmodal.data.openmoji import summary
 
@@ -89,12 +95,8 @@ def _data_info_args(p: argparse.ArgumentParser) -> None:
 def cmd_data_info(args: argparse.Namespace) -> int:
     from crossmodal.data.info import describe
     from crossmodal.data.splits import make_splits
-    from crossmodal.pipeline import open_dataset
 
-    options = _options(args.option)
-    if args.root:
-        options["root"] = args.root
-    dataset = open_dataset(args.dataset, options)
+    dataset = _open_from_args(args)
     print(describe(dataset, make_splits(dataset, seed=args.seed)))
     return 0
 
