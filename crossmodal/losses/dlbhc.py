@@ -9,7 +9,8 @@ what they predict. For the image step (text is symmetric), with h = (u + 1) / 2 
 batch latents, y their multi-hot labels and H_other = (V + 1) / 2 the other modality's
 latents of the same items:
 
-    cls   = mean over entries of BCE(classifier(h), y)   (multi-label cross-entropy)
+    cls   = mean over entries of BCE(classifier(h), y)   (multi-label cross-entropy, each
+            label's positives weighted by its negative/positive ratio, capped at 100)
     align = align / (b c) * sum_i ||h_i - H_other_i||^2   (the two views of an item agree)
 
 With captions-only data (no labels) there is nothing to classify: the loss falls back to
@@ -40,6 +41,7 @@ class DLBHCLoss(HashLoss):
         super().__init__()
         self.align = align
         self.classifier: nn.Linear | None = None
+        self.label_pos_weight: torch.Tensor | None = None
 
     def prepare(self, n: int, bits: int, sim: Similarity) -> None:
         """Create the classifier from the shapes (bits, label count) only; kept if it exists."""
@@ -48,6 +50,10 @@ class DLBHCLoss(HashLoss):
             self.classifier = None
             return
         labels = sim.labels
+        # Rare labels (most of them, with hundreds of labels) would be learned as "never": weight
+        # each label's positives by its negative/positive ratio, capped. Training-time state only.
+        freq = labels.mean(0)
+        self.label_pos_weight = ((1 - freq) / freq.clamp(min=1e-6)).clamp(1.0, 100.0)
         if self.classifier is not None and self.classifier.weight.shape == (labels.shape[1], bits):
             return
         self.classifier = nn.Linear(bits, labels.shape[1]).to(device=labels.device, dtype=labels.dtype)
@@ -60,7 +66,8 @@ class DLBHCLoss(HashLoss):
         h = (u + 1) / 2  # [b, c] latent in [0, 1]
         y = batch.sim.labels[idx].to(u.dtype)
         logits = self.classifier(h)
-        terms = {"cls": nnf.binary_cross_entropy_with_logits(logits, y)}
+        weight = self.label_pos_weight
+        terms = {"cls": nnf.binary_cross_entropy_with_logits(logits, y, pos_weight=weight)}
         if self.align:
             h_other = (batch.other[idx] + 1) / 2
             terms["align"] = self.align * ((h - h_other) ** 2).mean()
