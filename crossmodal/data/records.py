@@ -209,11 +209,26 @@ class CrossModalDataset:
         return out
 
     def fingerprint(self) -> str:
-        """A short hash of the rows and the info, stable across processes."""
-        h = hashlib.sha256()
-        h.update(json.dumps(asdict(self.info), sort_keys=True, default=str).encode())
-        h.update(str(self.table._fingerprint).encode())
-        return h.hexdigest()[:16]
+        """A short hash of the content, stable across processes and across rebuilds.
+
+        Covers the info (without build statistics such as timings), the ids, captions,
+        labels, bag-of-words, groups, image paths and the size of every inline image, so
+        rebuilding the same data gives the same fingerprint and runs trained on it stay valid.
+        """
+        if getattr(self, "_fp", None) is None:
+            import pyarrow.compute as pc
+
+            h = hashlib.sha256()
+            info = {k: v for k, v in asdict(self.info).items() if k != "stats"}
+            h.update(json.dumps(info, sort_keys=True, default=str).encode())
+            table = self.table.with_format("arrow")[:]  # the rows as one Arrow table
+            for name in ("id", "image_path", "captions", "bow_idx", "bow_val", "group"):
+                h.update(json.dumps(table.column(name).to_pylist()).encode())
+            h.update(self.labels_matrix().tobytes())
+            sizes = pc.binary_length(table.column("image_bytes")).to_numpy(zero_copy_only=False)
+            h.update(np.nan_to_num(sizes.astype(np.float64), nan=-1).tobytes())
+            self._fp = h.hexdigest()[:16]
+        return self._fp
 
 
 def _replay(rows: list[dict[str, Any]]):
