@@ -121,3 +121,25 @@ def test_cli_search_prints_a_table(tiny_run, capsys):
     assert len([line for line in out.splitlines() if line.strip().startswith(("1 ", "2 ", "3 "))]) == 3
     assert main(["search", "--run", str(tiny_run), "--text", "  "]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+def test_a_run_with_bit_weights_ranks_by_weighted_hamming(workdir):
+    from crossmodal.codes import unpack_codes, weighted_hamming
+    from crossmodal.indexing import index_run
+    from crossmodal.pipeline import train_run
+    from tinyrun import tiny_config
+
+    run = train_run(tiny_config(workdir, "name=tiny_drsch", "loss.name=drsch", "train.epochs=4"), progress=False)
+    index_run(run, progress=False)
+    engine = RetrievalEngine.load(run)
+    try:
+        assert engine.bit_weights is not None and engine.describe()["weighted"]
+        result = engine.search_text("a green circle", 8)
+        index = engine.indexes["image"]
+        ids = index.ids()
+        q = unpack_codes(engine.encode_texts(["a green circle"]), 16)
+        d = weighted_hamming(q, unpack_codes(index.reconstruct(ids), 16), engine.bit_weights)[0]
+        expected = np.sort(d)[:8]
+        np.testing.assert_allclose([h.distance for h in result.hits], expected, rtol=1e-6)
+    finally:
+        engine.close()
