@@ -124,10 +124,11 @@ def test_cli_search_prints_a_table(tiny_run, capsys):
 
 
 def test_a_run_with_bit_weights_ranks_by_weighted_hamming(workdir):
+    from tinyrun import tiny_config
+
     from crossmodal.codes import unpack_codes, weighted_hamming
     from crossmodal.indexing import index_run
     from crossmodal.pipeline import train_run
-    from tinyrun import tiny_config
 
     run = train_run(tiny_config(workdir, "name=tiny_drsch", "loss.name=drsch", "train.epochs=4"), progress=False)
     index_run(run, progress=False)
