@@ -130,7 +130,9 @@ def test_a_run_with_bit_weights_ranks_by_weighted_hamming(workdir):
     from crossmodal.indexing import index_run
     from crossmodal.pipeline import train_run
 
-    run = train_run(tiny_config(workdir, "name=tiny_drsch", "loss.name=drsch", "train.epochs=4"), progress=False)
+    run = train_run(
+        tiny_config(workdir, "name=tiny_drsch", "loss.name=drsch", "train.epochs=4"), progress=False
+    )
     index_run(run, progress=False)
     engine = RetrievalEngine.load(run)
     try:
