@@ -263,6 +263,8 @@ class Trainer:
             **codes_for_eval(codes, self.dataset, self.val_idx, db),
             directions=("i2t", "t2i"),
             ks=(),
+            tie_aware=False,  # selection needs one number per epoch: the stable mAP
+            pr_radius=False,
             bit_weights=None if weights is None else weights.detach().cpu().numpy(),
         )
         out = {f"val_map_{d}": float(v["map"]) for d, v in res.items()}
