@@ -69,7 +69,7 @@ class TrainConfig:
     num_threads: int = 0  # 0: torch's default
     feature_batch_size: int = 64
     cache_dir: str = ".cache/crossmodal/features"
-    checkpoint_every: int = 1
+    checkpoint_every: int = 5  # epochs; the last epoch is always checkpointed
     text_variants: bool = True  # frozen text: each step sees the joined captions or one caption at random
 
 

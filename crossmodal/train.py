@@ -202,9 +202,11 @@ class Trainer:
                 loss=f"{sum(terms.values()):.4f}", val_map=f"{record.get('val_map', float('nan')):.3f}"
             )
             log.info("epoch %s", json.dumps(record))
-            if self.run_dir is not None and (epoch + 1) % t.checkpoint_every == 0:
+            stop = epoch - self.state.best_epoch >= t.patience and self.state.best_epoch >= 0
+            last = stop or epoch + 1 == t.epochs
+            if self.run_dir is not None and ((epoch + 1) % t.checkpoint_every == 0 or last):
                 self.save_checkpoint(opt, buffers, B)
-            if epoch - self.state.best_epoch >= t.patience and self.state.best_epoch >= 0:
+            if stop:
                 log.info("early stop at epoch %d (best %d)", epoch + 1, self.state.best_epoch + 1)
                 break
         self.timings["epochs"] = round(time.perf_counter() - loop_started, 3)
