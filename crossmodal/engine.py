@@ -193,7 +193,7 @@ class RetrievalEngine:
         else:
             texts, item_ids = [None] * len(ids), ids.tolist()
         items = self.store.get_items(item_ids, missing="none")
-        captions = self.store.texts_of_items([i for i in item_ids])
+        captions = self.store.texts_of_items(item_ids)
         hits = []
         for rank, (d, text, item, caps) in enumerate(zip(dist, texts, items, captions), start=1):
             if item is None:

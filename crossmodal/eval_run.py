@@ -26,7 +26,7 @@ import torch
 
 from crossmodal.data import RELEVANCE_IMAGE, CrossModalDataset
 from crossmodal.evaluate import evaluate_directions
-from crossmodal.features import item_texts
+from crossmodal.features import join_captions
 from crossmodal.indexing import encode_items, frozen_features
 from crossmodal.report import write_run_report
 from crossmodal.run import check_run, load_run_config, update_manifest
@@ -40,9 +40,11 @@ def continuous_codes(
 ) -> dict[str, np.ndarray]:
     """Continuous codes ``[len(indices), bits]`` of both modalities (one text per item)."""
     out = {}
-    texts = item_texts(dataset)
     for m in MODALITIES:
-        own = None if feats[m] is not None or m == "image" else [texts[int(i)] for i in indices]
+        own = None
+        if m == "text" and feats[m] is None:  # an unfrozen text tower encodes the joined captions
+            captions = dataset.table.select(np.asarray(indices).tolist())["captions"]
+            own = [join_captions(c) for c in captions]
         parts = [
             c.numpy() for _, c in encode_items(model, dataset, indices, m, feats[m], own, progress=False)
         ]

@@ -25,9 +25,14 @@ from crossmodal.io import atomic_path
 log = logging.getLogger(__name__)
 
 
+def join_captions(captions: list[str]) -> str:
+    """An item's one text: its captions joined (the text side of each training pair)."""
+    return " ; ".join(captions)
+
+
 def item_texts(dataset: CrossModalDataset) -> list[str]:
     """One text per item: its captions joined (the text side of each training pair)."""
-    return [" ; ".join(c) for c in dataset.table["captions"]]
+    return [join_captions(c) for c in dataset.table["captions"]]
 
 
 def image_batch(dataset: CrossModalDataset, tower: Any, indices: np.ndarray) -> torch.Tensor:
@@ -106,7 +111,7 @@ def text_variants(dataset: CrossModalDataset) -> tuple[list[str], np.ndarray]:
     texts: list[str] = []
     offsets = [0]
     for captions in dataset.table["captions"]:
-        texts.append(" ; ".join(captions))
+        texts.append(join_captions(captions))
         if len(captions) > 1:
             texts.extend(captions)
         offsets.append(len(texts))

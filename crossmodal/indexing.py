@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from crossmodal.codes import pack_codes
 from crossmodal.data import RELEVANCE_IMAGE, CrossModalDataset
-from crossmodal.features import ModalityInputs, extract_features
+from crossmodal.features import ModalityInputs, extract_features, join_captions
 from crossmodal.images import ImageDecodeError, open_image
 from crossmodal.index import BinaryIndex, create_index
 from crossmodal.io import atomic_path
@@ -50,7 +50,7 @@ def text_units(
                 out.append({"text_id": next_id, "item_id": int(item), "caption": cap})
                 next_id += 1
         else:
-            out.append({"text_id": int(item), "item_id": int(item), "caption": " ; ".join(captions)})
+            out.append({"text_id": int(item), "item_id": int(item), "caption": join_captions(captions)})
     return out
 
 

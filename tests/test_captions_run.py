@@ -16,14 +16,18 @@ def test_captions_only_run_trains_indexes_and_evaluates(workdir):
     cfg = tiny_config(workdir, "name=tiny_caps", "data.options={captions_only: true}", "train.epochs=15")
     run = train_run(cfg, progress=False)
     log = json.loads((run / "train_log.json").read_text())
-    assert log["best_val_map"] > 0.0  # val items are their own database: relevance is reachable
+    # val items are their own database, one relevant item each: a random ranking gives
+    # H(n) / n, about 0.2 for the tiny split; a trained model ranks the own item near the top
+    assert log["best_val_map"] > 0.4
     info = index_run(run, progress=False)
     assert info["text_units"] == "caption"
     assert info["texts"] == 2 * info["items"]  # every item has two captions
     rows = eval_run(run)
     assert set(rows["hash"]) == {"i2t", "t2i"}
-    # 16 queries, one relevant item each: random ranking gives mAP about 0.2
-    assert rows["hash"]["t2i"]["map"] > 0.0
+    # 16 queries, one relevant item each: random ranking gives mAP H(16) / 16 = 0.21. Items of
+    # one colour and shape are near-identical here, so even a good model confuses twins.
+    cross = (rows["hash"]["t2i"]["map"] + rows["hash"]["i2t"]["map"]) / 2
+    assert cross > 0.28, rows["hash"]
     engine = RetrievalEngine.load(run)
     result = engine.search_image(sorted((run / "images").glob("*.png"))[0], 4)
     assert all(h.caption and h.text_id is not None for h in result.hits)
