@@ -9,6 +9,7 @@ PY := $(VENV)/bin/python
 CM := $(VENV)/bin/crossmodal
 STAMP := $(VENV)/.installed
 RUN := runs/openmoji
+RECIPE := configs/openmoji.yaml
 
 .PHONY: run demo test bench lint clean
 
@@ -21,14 +22,13 @@ $(STAMP): pyproject.toml | $(PY)
 	@$(PY) -m pip install -q -e '.[test]'
 	@touch $@
 
+# One process does every step (build, train, index, evaluate; each skipped when done),
+# so torch, transformers and the towers load once; make demo then serves in that process.
 run: $(STAMP)
-	@$(CM) build-data openmoji
-	@$(CM) train --config configs/openmoji.yaml --if-missing
-	@$(CM) index --run $(RUN) --if-missing
-	@$(CM) eval --run $(RUN) --if-missing
+	@$(CM) prepare --config $(RECIPE)
 
-demo: run
-	@$(PY) app.py --run $(RUN)
+demo: $(STAMP)
+	@$(PY) app.py --config $(RECIPE)
 
 test: $(STAMP)
 	@$(PY) -m pytest -q -p no:cacheprovider

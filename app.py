@@ -1,6 +1,7 @@
 """The crossmodal Gradio app: type keywords and see images, upload an image and read captions.
 
     python app.py --run runs/openmoji [--host 127.0.0.1] [--port 7860] [--k 12]
+    python app.py --config configs/openmoji.yaml   # prepare the recipe's run first (make demo)
 
 A thin caller of ``crossmodal.engine.RetrievalEngine``: four tabs (text -> images,
 image -> captions, image -> images, text -> texts) and an "About this run" panel. Every
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -373,7 +375,17 @@ def serve(engine: RetrievalEngine, host: str = "127.0.0.1", port: int | None = 7
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="app.py", description="Serve a crossmodal run as a Gradio app.")
-    p.add_argument("--run", default="runs/openmoji", help="run folder (default: %(default)s)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--run", default=None, help="run folder (default: runs/openmoji)")
+    what.add_argument(
+        "--config",
+        help="a recipe: build, train, index and evaluate its run first (each step skipped when done), "
+        "then serve it in the same process (what make demo does)",
+    )
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override a recipe setting (with --config)",
+    )  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     p.add_argument("--k", type=int, default=DEFAULT_K, help="results per query (default: %(default)s)")
@@ -397,15 +409,36 @@ def load_engine(run: str) -> RetrievalEngine:
         raise SystemExit(2) from None
 
 
+def prepare(config: str, overrides: list[str]) -> Path:
+    """Prepare the recipe's run (``crossmodal.prepare``), or exit with code 2 and why."""
+    from crossmodal.config import ConfigError
+    from crossmodal.prepare import prepare_run
+    from crossmodal.registry import UnknownNameError
+    from crossmodal.run import RunError
+
+    try:
+        return prepare_run(config, overrides)
+    except (ConfigError, UnknownNameError, RunError, FileNotFoundError, ValueError) as exc:
+        sys.stderr.write(f"app.py: cannot prepare {config}: {exc}\n")
+        raise SystemExit(2) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: ``python app.py --run runs/openmoji``."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("crossmodal").setLevel(logging.INFO)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch/FAISS threads sleep (see cli.main)
+    started = time.perf_counter()
     args = parse_args(argv)
-    engine = load_engine(args.run)
-    _, url = serve(engine, host=args.host, port=args.port, k=args.k)
-    log.info("served at %s", url)
+    run = args.run or "runs/openmoji"
+    if args.config:
+        run = str(prepare(args.config, args.overrides))
+    engine = load_engine(run)
+    demo, url = serve(engine, host=args.host, port=args.port, k=args.k, prevent_thread_lock=True)
+    print(f"crossmodal app for {run}: {url} (up {time.perf_counter() - started:.1f} s after start; "
+          "Ctrl+C stops it)", flush=True)  # fmt: skip
+    demo.block_thread()
 
 
 if __name__ == "__main__":

@@ -130,6 +130,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- prepare ----------------------------------------------------------------------------------
+def _prepare_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--no-baselines", action="store_true", help="skip the LSH and CCA-ITQ baselines")
+
+
+@command("prepare", "build, train, index and evaluate a recipe in one process, skipping finished steps")
+@args_for(_prepare_args)
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from crossmodal.prepare import prepare_run
+
+    prepare_run(args.config, args.overrides, baselines=not args.no_baselines)
+    return 0
+
+
 # -- index ------------------------------------------------------------------------------------
 def _index_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run folder, e.g. runs/openmoji")

@@ -120,6 +120,8 @@ class RetrievalEngine:
         cfg = load_run_config(run_dir)
         _check_config(run_dir, cfg, manifest)
         model, loss = load_model(run_dir, cfg)
+        # the engine only encodes: batch norms folded (as when the features were cached)
+        model.image_tower = model.image_tower.for_inference()
         try:  # one error type (RunError) for every broken part of a run folder
             indexes = {
                 m: BinaryIndex.load(run_dir / f"{m}.index", mmap=mmap, expected_bits=cfg.model.bits)

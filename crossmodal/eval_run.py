@@ -119,7 +119,8 @@ def summary_table(rows: dict[str, Any]) -> str:
     dirs = [d for d in ("i2t", "t2i", "i2i", "t2t") if any(d in v for v in rows.values())]
     head = f"{'':<16}" + "".join(f"{d + ' mAP':>10}{d + ' P@100':>11}" for d in dirs)
     lines = [head]
-    for name, metrics in rows.items():
+    known = ["hash", "float (cosine)", "LSH (CCA)", "CCA-ITQ"]  # metrics.json stores rows sorted by name
+    for name, metrics in sorted(rows.items(), key=lambda kv: known.index(kv[0]) if kv[0] in known else 99):
         cells = "".join(
             f"{metrics[d]['map']:>10.4f}{metrics[d].get('p@100', float('nan')):>11.4f}"
             for d in dirs

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +120,40 @@ def text_variants(dataset: CrossModalDataset) -> tuple[list[str], np.ndarray]:
     return texts, np.asarray(offsets, dtype=np.int64)
 
 
-@torch.no_grad()
+@dataclass
+class FeatureRequest:
+    """One frozen tower to run over a dataset: its modality, the tower and its description."""
+
+    modality: str
+    tower: Any
+    desc: dict[str, Any]
+
+
+@dataclass
+class _Job:
+    """One modality's extraction in progress: inputs, batches in length order, output rows."""
+
+    source: ModalityInputs
+    model: Any
+    order: np.ndarray
+    out: np.ndarray
+    path: Path | None
+    batch_size: int
+    # Inputs are prepared one batch at a time per tower (a fast tokenizer must not be used by
+    # two threads at once); the forward passes of two batches do run side by side.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def batches(self) -> list[np.ndarray]:
+        return [self.order[s : s + self.batch_size] for s in range(0, len(self.order), self.batch_size)]
+
+    @torch.no_grad()
+    def run(self, idx: np.ndarray, device: torch.device) -> None:
+        with self.lock:
+            x = self.source.batch(idx, device)
+        y = self.model(x) if self.source.modality == "image" else self.model(**x)
+        self.out[idx] = y.float().cpu().numpy()
+
+
 def extract_features(
     dataset: CrossModalDataset,
     modality: str,
@@ -134,27 +169,105 @@ def extract_features(
     For text, the features of all ``text_variants`` are computed and cached; with
     ``variants=True`` they are returned whole with their offsets, else one row per item.
     """
+    request = FeatureRequest(modality, tower, tower_desc)
+    return extract_all(dataset, [request], cache_dir, batch_size, device, variants)[modality]
+
+
+def extract_all(
+    dataset: CrossModalDataset,
+    requests: list[FeatureRequest],
+    cache_dir: str | Path | None,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+    variants: bool = False,
+) -> dict[str, Any]:
+    """``extract_features`` for several towers; what is not cached is computed side by side.
+
+    On a CPU with several cores, two workers with half the threads each share the batches
+    of all towers: small batches keep two cores only 1.3-1.5x as busy as one, so two
+    single-threaded workers finish OpenMoji's images and texts about a fifth sooner.
+    Returns ``{modality: features}`` (``(features, offsets)`` with ``variants``).
+    """
     device = device or torch.device("cpu")
-    texts, offsets = (None, None)
-    if modality == "text" and not dataset.info.bow_dim:
-        texts, offsets = text_variants(dataset)
-    n = len(texts) if texts is not None else len(dataset)
-    path = None
-    if cache_dir:
-        desc = {**tower_desc, "variants": True} if texts is not None else tower_desc
-        key = cache_key(dataset, modality, desc)
-        path = Path(cache_dir) / f"{dataset.name}-{modality}-{tower_desc.get('name', 'tower')}-{key}.npy"
-    feats = _load_cache(path, (n, tower.feature_dim))
-    if feats is None:
-        feats = _compute(ModalityInputs(modality, dataset, tower, texts=texts), tower, n, batch_size, device)
-        if path is not None:
-            with atomic_path(path) as tmp:
+    results: dict[str, Any] = {}
+    jobs: list[_Job] = []
+    offsets_of: dict[str, np.ndarray | None] = {}
+    for req in requests:
+        texts, offsets = (None, None)
+        if req.modality == "text" and not dataset.info.bow_dim:
+            texts, offsets = text_variants(dataset)
+        offsets_of[req.modality] = offsets
+        n = len(texts) if texts is not None else len(dataset)
+        path = None
+        if cache_dir:
+            desc = {**req.desc, "variants": True} if texts is not None else req.desc
+            key = cache_key(dataset, req.modality, desc)
+            name = f"{dataset.name}-{req.modality}-{req.desc.get('name', 'tower')}-{key}.npy"
+            path = Path(cache_dir) / name
+        feats = _load_cache(path, (n, req.tower.feature_dim))
+        if feats is not None:
+            results[req.modality] = feats
+            continue
+        req.tower.eval().to(device)
+        model = req.tower.for_inference() if hasattr(req.tower, "for_inference") else req.tower
+        # texts in order of length: a batch pads to similar lengths (MiniLM on OpenMoji's
+        # names: about 1.8x faster than the dataset's order); rows are written back in place
+        order = np.argsort([len(t) for t in texts], kind="stable") if texts is not None else np.arange(n)
+        out = np.zeros((n, req.tower.feature_dim), dtype=np.float32)
+        source = ModalityInputs(req.modality, dataset, req.tower, texts=texts)
+        jobs.append(_Job(source, model, order, out, path, batch_size))
+    _run_jobs(jobs, device)
+    for job in jobs:
+        if job.path is not None:
+            with atomic_path(job.path) as tmp:
                 with open(tmp, "wb") as fh:
-                    np.save(fh, feats, allow_pickle=False)
-    out = torch.from_numpy(feats)
-    if offsets is None:
-        return (out, None) if variants else out
-    return (out, offsets) if variants else out[torch.from_numpy(offsets[:-1])]
+                    np.save(fh, job.out, allow_pickle=False)
+        results[job.source.modality] = job.out
+    out: dict[str, Any] = {}
+    for m, feats in results.items():
+        t, offsets = torch.from_numpy(feats), offsets_of[m]
+        if offsets is None:
+            out[m] = (t, None) if variants else t
+        else:
+            out[m] = (t, offsets) if variants else t[torch.from_numpy(offsets[:-1])]
+    return out
+
+
+def _run_jobs(jobs: list[_Job], device: torch.device) -> None:
+    """Run every batch of ``jobs`` with a progress bar: two CPU workers when there are cores."""
+    if not jobs:
+        return
+    work = [(job, idx) for job in jobs for idx in job.batches()]
+    desc = " + ".join(j.source.modality for j in jobs) + " features"
+    bar = tqdm(total=sum(len(j.order) for j in jobs), desc=desc, unit="input", leave=False)
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads < 2 or len(work) < 2:
+        for job, idx in work:
+            job.run(idx, device)
+            bar.update(len(idx))
+        bar.close()
+        return
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    def start_worker() -> None:  # torch's thread count is per calling thread
+        torch.set_num_threads(max(1, threads // 2))
+
+    def run(item: tuple[_Job, np.ndarray]) -> None:
+        item[0].run(item[1], device)
+        bar.update(len(item[1]))
+
+    with ThreadPoolExecutor(2, initializer=start_worker, thread_name_prefix="features") as pool:
+        futures = [pool.submit(run, item) for item in work]
+        try:
+            for future in futures:
+                future.result()  # re-raises a worker's error
+        except BaseException:  # an error or Ctrl-C: drop the batches not started yet
+            for future in futures:
+                future.cancel()
+            raise
+        finally:
+            bar.close()
 
 
 def _load_cache(path: Path | None, shape: tuple[int, int]) -> np.ndarray | None:
@@ -170,14 +283,3 @@ def _load_cache(path: Path | None, shape: tuple[int, int]) -> np.ndarray | None:
         return None
     log.info("reusing cached features %s", path)
     return feats
-
-
-def _compute(source: ModalityInputs, tower: Any, n: int, batch_size: int, device: torch.device) -> np.ndarray:
-    tower.eval().to(device)
-    out = np.zeros((n, tower.feature_dim), dtype=np.float32)
-    for s in tqdm(range(0, n, batch_size), desc=f"{source.modality} features", unit="batch", leave=False):
-        idx = np.arange(s, min(s + batch_size, n))
-        x = source.batch(idx, device)
-        y = tower(x) if source.modality == "image" else tower(**x)
-        out[idx] = y.float().cpu().numpy()
-    return out

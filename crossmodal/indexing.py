@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from crossmodal.codes import pack_codes
 from crossmodal.data import RELEVANCE_IMAGE, CrossModalDataset
-from crossmodal.features import ModalityInputs, extract_features, join_captions
+from crossmodal.features import FeatureRequest, ModalityInputs, extract_all, join_captions
 from crossmodal.images import ImageDecodeError, open_image
 from crossmodal.index import BinaryIndex, create_index
 from crossmodal.io import atomic_path
@@ -83,6 +83,28 @@ def encode_items(
             yield pos, enc(x, from_features=source.from_features)
 
 
+def thumbnail_bytes(data: bytes) -> bytes:
+    """A PNG of at most ``THUMB_SIDE`` px a side, on white: ``data`` itself when it already is one.
+
+    Raises:
+        ImageDecodeError: ``data`` is not a readable image.
+    """
+    from PIL import Image
+
+    try:  # an opaque PNG small enough is kept as it is (OpenMoji's renders): one decode, no encode
+        img = Image.open(io.BytesIO(data))
+        if img.format == "PNG" and max(img.size) <= THUMB_SIDE:
+            img.load()  # decodes fully: a corrupt image falls through to open_image, which says why
+            alpha = img.getchannel("A").getextrema() if img.mode == "RGBA" else None
+            if img.mode in ("RGB", "L") or alpha == (255, 255):
+                return data
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        pass
+    buf = io.BytesIO()
+    open_image(data, max_side=THUMB_SIDE).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def write_thumbnails(
     dataset: CrossModalDataset, indices: np.ndarray, run_dir: Path, ids: np.ndarray, overwrite: bool = False
 ) -> list[str]:
@@ -103,30 +125,30 @@ def write_thumbnails(
         target = run_dir / rel
         if overwrite or not target.exists():
             try:
-                img = open_image(row["image_bytes"], max_side=THUMB_SIDE)
-                buf = io.BytesIO()
-                img.save(buf, format="PNG")
-                with atomic_path(target) as tmp:
-                    tmp.write_bytes(buf.getvalue())
+                data = thumbnail_bytes(row["image_bytes"])
+                with atomic_path(target, fsync=False) as tmp:
+                    tmp.write_bytes(data)
             except ImageDecodeError as exc:
                 log.warning("item %s: %s", row["id"], exc)
                 rel = ""
         paths.append(rel)
+    if hasattr(os, "sync"):
+        os.sync()  # the thumbnails reach the disk before the store that names them is committed
     return paths
 
 
 def frozen_features(cfg: Any, model: TwoTowerHasher, dataset: CrossModalDataset, manifest: dict) -> dict:
+    """Cached features of the run's frozen towers: ``{"image": [n, f] or None, "text": ...}``."""
     from crossmodal.train import tower_description
 
-    out: dict[str, torch.Tensor | None] = {"image": None, "text": None}
-    for m, frozen in manifest.get("frozen", {}).items():
-        if frozen:
-            tower = model.image_tower if m == "image" else model.text_tower
-            desc = tower_description(cfg, m)
-            out[m] = extract_features(
-                dataset, m, tower, desc, cfg.train.cache_dir, cfg.train.feature_batch_size
-            )
-    return out
+    towers = {"image": model.image_tower, "text": model.text_tower}
+    requests = [
+        FeatureRequest(m, towers[m], tower_description(cfg, m))
+        for m, frozen in manifest.get("frozen", {}).items()
+        if frozen
+    ]
+    feats = extract_all(dataset, requests, cfg.train.cache_dir, cfg.train.feature_batch_size)
+    return {"image": feats.get("image"), "text": feats.get("text")}
 
 
 def index_run(

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from crossmodal.config import Config
 from crossmodal.data import CrossModalDataset
-from crossmodal.features import ModalityInputs, extract_features, item_texts
+from crossmodal.features import FeatureRequest, ModalityInputs, extract_all, item_texts
 from crossmodal.io import atomic_path, write_json_atomic
 from crossmodal.losses import HashLoss, LossBatch, Similarity, create_loss
 from crossmodal.models.hasher import TwoTowerHasher
@@ -114,7 +114,7 @@ class Trainer:
         self.sim = Similarity(lab.to(self.device) if lab is not None else None, len(self.train_idx))
         self.inputs: dict[str, ModalityInputs] = {}
         self.state = TrainState()
-        self.timings: dict[str, float] = {}  # seconds per phase: features_image, features_text, epochs
+        self.timings: dict[str, float] = {}  # seconds per phase: features (both towers), epochs
 
     # -- set-up -------------------------------------------------------------------------
     def prepare_inputs(self) -> None:
@@ -123,23 +123,22 @@ class Trainer:
         if getattr(model.text_tower, "needs_fit", False) and not self.dataset.info.bow_dim:
             model.text_tower.fit([texts[i] for i in self.train_idx])
         towers = {"image": model.image_tower, "text": model.text_tower}
+        started = time.perf_counter()
+        requests = []
         for m, tower in towers.items():
-            feats = None
-            started = time.perf_counter()
-            offsets = None
             if self.frozen[m]:
                 tower.set_trainable(0)
-                desc = tower_description(cfg, m)
-                cache, fbs = cfg.train.cache_dir, cfg.train.feature_batch_size
-                feats, offsets = extract_features(
-                    self.dataset, m, tower, desc, cache, fbs, self.device, variants=True
-                )
+                requests.append(FeatureRequest(m, tower, tower_description(cfg, m)))
             elif cfg.train.trainable_blocks is not None and getattr(tower, "pretrained", False):
                 tower.set_trainable(cfg.train.trainable_blocks)
+        cache, fbs = cfg.train.cache_dir, cfg.train.feature_batch_size
+        cached = extract_all(self.dataset, requests, cache, fbs, self.device, variants=True)
+        for m, tower in towers.items():
+            feats, offsets = cached.get(m, (None, None))
             self.inputs[m] = ModalityInputs(
                 m, self.dataset, tower, feats, texts if m == "text" else None, offsets
             )
-            self.timings[f"features_{m}"] = round(time.perf_counter() - started, 3)
+        self.timings["features"] = round(time.perf_counter() - started, 3)
 
     def encode(self, m: str, indices: np.ndarray, rng: np.random.Generator | None = None) -> torch.Tensor:
         x = self.inputs[m].batch(indices, self.device, rng)

@@ -50,7 +50,7 @@ def main() -> None:
     print(f"{cfg.data.name}: {len(dataset)} items, {cfg.model.image_tower} @ {cfg.model.image_size}px + "
           f"{cfg.model.text_tower}, {cfg.model.bits} bits; dataset ready in {data_s:.1f} s; "
           f"torch threads {torch.get_num_threads()}")  # fmt: skip
-    keys = ["total_s", "features_image", "features_text", "epochs", "epochs_run", "best_val_map"]
+    keys = ["total_s", "features", "epochs", "epochs_run", "best_val_map"]
     print("| run | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))
     for name, row in rows.items():

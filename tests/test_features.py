@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from crossmodal.features import ModalityInputs, extract_features, text_variants
@@ -60,3 +61,72 @@ def test_dataset_fingerprint_is_stable_across_rebuilds_and_follows_content(workd
     assert a.fingerprint() == b.fingerprint()  # same rows built twice: runs stay valid
     assert create_dataset("tiny_colours", seed=1).fingerprint() != a.fingerprint()  # other pixels
     assert create_dataset("tiny_colours", n=95).fingerprint() != a.fingerprint()
+
+
+def test_texts_come_back_in_input_order_though_batched_by_length(workdir, tmp_path):
+    """Texts run shortest first; each row must still be the features of its own text."""
+    from crossmodal.data import CrossModalDataset
+
+    dataset = open_dataset("tiny_colours")
+    tower = create_text_tower("minilm")
+    ds = CrossModalDataset(dataset.table.select(range(10)), dataset.info)
+    texts, _ = text_variants(ds)
+    assert sorted(texts, key=len) != texts  # the order really changes
+    feats, _ = extract_features(ds, "text", tower, {"name": "minilm"}, None, batch_size=4, variants=True)
+    with torch.no_grad():
+        direct = torch.cat([tower(**tower.tokenize([t])) for t in texts])
+    torch.testing.assert_close(feats, direct, atol=1e-5, rtol=1e-4)
+
+
+def test_two_towers_side_by_side_match_one_at_a_time(workdir, tmp_path):
+    """extract_all with both towers (two worker threads) gives each tower's own features."""
+    from crossmodal.data import CrossModalDataset
+    from crossmodal.features import FeatureRequest, extract_all
+    from crossmodal.models.image import create_image_tower
+
+    dataset = open_dataset("tiny_colours")
+    ds = CrossModalDataset(dataset.table.select(range(24)), dataset.info)
+    image = create_image_tower("tiny_pool", image_size=32)
+    text = create_text_tower("minilm")
+    requests = [FeatureRequest("image", image, {"name": "tiny_pool"}),
+                FeatureRequest("text", text, {"name": "minilm"})]  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the side-by-side path needs at least two threads
+    try:
+        both = extract_all(ds, requests, tmp_path / "both", batch_size=4, variants=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads  # the workers' thread count stays theirs
+    alone_image = extract_features(ds, "image", image, {"name": "tiny_pool"}, None, batch_size=24)
+    alone_text, offsets = extract_features(ds, "text", text, {"name": "minilm"}, None, 64, variants=True)
+    torch.testing.assert_close(both["image"][0], alone_image, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(both["text"][0], alone_text, atol=1e-5, rtol=1e-4)
+    assert np.array_equal(both["text"][1], offsets)
+    assert len(list((tmp_path / "both").glob("*.npy"))) == 2
+    again = extract_all(ds, requests, tmp_path / "both", variants=True)  # from the cache now
+    assert torch.equal(again["image"][0], both["image"][0]) and torch.equal(again["text"][0], both["text"][0])
+
+
+def test_a_failing_worker_raises_and_writes_no_cache(workdir, tmp_path):
+    from crossmodal.data import CrossModalDataset
+    from crossmodal.features import FeatureRequest, extract_all
+    from crossmodal.models.image import create_image_tower
+
+    class Broken(torch.nn.Module):
+        feature_dim = 384
+
+        def tokenize(self, texts):
+            raise RuntimeError("tokenizer exploded")
+
+    dataset = open_dataset("tiny_colours")
+    ds = CrossModalDataset(dataset.table.select(range(8)), dataset.info)
+    image = create_image_tower("tiny_pool", image_size=32)
+    requests = [FeatureRequest("image", image, {"name": "tiny_pool"}), FeatureRequest("text", Broken(), {})]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="tokenizer exploded"):
+            extract_all(ds, requests, tmp_path, batch_size=4)
+    finally:
+        torch.set_num_threads(threads)
+    assert not list(tmp_path.glob("*.npy"))

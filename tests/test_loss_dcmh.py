@@ -126,3 +126,32 @@ def test_pos_weight_scales_only_similar_pairs_and_balanced_uses_the_pair_ratio()
     assert balanced.pos_weight == pytest.approx((1 - p) / p, rel=1e-6)
     with pytest.raises(ValueError, match="pos_weight"):
         create_loss("dcmh", pos_weight="lots")
+
+
+@pytest.mark.parametrize("pos_weight", [1.0, 7.5])
+def test_pairwise_nll_gradients_for_both_arguments(pos_weight):
+    """The closed-form backward equals finite differences, also through the second argument
+    (the intra term's buffer holds the batch's own codes)."""
+    from crossmodal.losses import pairwise_nll
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    s = (torch.rand(5, 9, generator=g) < 0.3).double()
+    assert torch.autograd.gradcheck(lambda x, y: pairwise_nll(x, y, s, pos_weight), (a, b))
+    with torch.no_grad():
+        theta = 0.5 * a @ b.T
+        naive = (torch.log1p(torch.exp(theta)) - s * theta) * (1 + (pos_weight - 1) * s)
+        assert float(pairwise_nll(a, b, s, pos_weight)) == pytest.approx(float(naive.sum()), rel=1e-12)
+
+
+def test_dense_similarity_rows_equal_the_label_product():
+    g = torch.Generator().manual_seed(3)
+    labels = (torch.rand(40, 6, generator=g) < 0.2).float()
+    rows = torch.tensor([3, 0, 39, 3])
+    dense = Similarity(labels, 40)
+    on_the_fly = Similarity(labels, 40, dense_limit=0)
+    assert torch.equal(dense.binary(rows), on_the_fly.binary(rows))
+    assert dense._dense is not None and on_the_fly._dense is None
+    cols = torch.tensor([1, 2])
+    assert torch.equal(dense.binary(rows, cols), ((labels[rows] @ labels[cols].T) > 0).float())

@@ -392,3 +392,22 @@ def _check_set_trainable(tower) -> None:
         assert all(p.requires_grad for p in params)
     finally:
         tower.set_trainable(None)
+
+
+def test_efficientnet_for_inference_folds_batch_norms_and_keeps_outputs(image_towers):
+    tower = image_towers("efficientnet_lite0").eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-trivial batch-norm statistics, as a trained tower has
+        for m in tower.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.1, generator=g)
+    fused = tower.for_inference()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in tower.modules()) > 0  # the original is kept
+    x = torch.stack([tower.preprocess(img) for img in _random_images(2)])
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), tower(x), atol=1e-4, rtol=1e-4)
+    assert image_towers("cnnf").for_inference() is image_towers("cnnf")  # no fusion: the tower itself

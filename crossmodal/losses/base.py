@@ -9,7 +9,7 @@ inside the loss: what it needs is passed in.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -26,6 +26,10 @@ class Similarity:
 
     labels: torch.Tensor | None  # [n, L] float multi-hot, or None
     n: int
+    #: up to this many items, ``binary`` rows come from an [n, n] bool matrix computed once
+    #: (12,288 items: 151 MB) instead of a product with all labels per call
+    dense_limit: int = 12_288
+    _dense: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def graded(self, rows: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
         """Number of shared labels between items ``rows`` and ``cols`` (all items if None)."""
@@ -38,6 +42,10 @@ class Similarity:
 
     def binary(self, rows: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
         """1 where items share at least one label (or are the same item), else 0."""
+        if cols is None and self.labels is not None and self.n <= self.dense_limit:
+            if self._dense is None:
+                self._dense = (self.labels @ self.labels.T) > 0
+            return self._dense[rows].float()
         return (self.graded(rows, cols) > 0).float()
 
 
@@ -114,17 +122,42 @@ def softplus_stable(x: torch.Tensor) -> torch.Tensor:
     return torch.clamp(x, min=0) + torch.log1p(torch.exp(-torch.abs(x)))
 
 
+class _PairwiseNLL(torch.autograd.Function):
+    """sum w * (softplus(theta) - s * theta), theta = 0.5 a b^T, w = 1 + (pos_weight - 1) s.
+
+    One pass over the ``[b, n]`` pair matrix forward, and the closed-form gradient
+    ``d/dtheta = w * (sigmoid(theta) - s)`` backward (DCMH's eq. 6), instead of autograd
+    through a dozen element-wise ops: a step's loss takes about half the time.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, pos_weight: float) -> torch.Tensor:
+        theta = (0.5 * a) @ b.T
+        # softplus is log(1 + e^x), computed stably (x itself beyond 20)
+        nll = torch.nn.functional.softplus(theta) - s * theta
+        grad = torch.sigmoid(theta) - s
+        if pos_weight != 1.0:
+            w = 1.0 + (pos_weight - 1.0) * s
+            nll, grad = nll * w, grad * w
+        ctx.save_for_backward(a, b, grad)
+        return nll.sum()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        a, b, grad = ctx.saved_tensors
+        grad = grad * (0.5 * grad_out)
+        grad_a = grad @ b if ctx.needs_input_grad[0] else None
+        grad_b = grad.T @ a if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b, None, None
+
+
 def pairwise_nll(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:
     """Sum over pairs of log(1 + e^theta) - s * theta with theta = 0.5 * a b^T.
 
     ``pos_weight`` multiplies the terms of similar pairs (s = 1), to balance data where
     similar pairs are rare (weighted maximum likelihood, as in HashNet, Cao et al. 2017).
     """
-    theta = 0.5 * a @ b.T
-    nll = softplus_stable(theta) - s * theta
-    if pos_weight != 1.0:
-        nll = nll * (1.0 + (pos_weight - 1.0) * s)
-    return nll.sum()
+    return _PairwiseNLL.apply(a, b, s.to(a.dtype), float(pos_weight))
 
 
 def similar_fraction(sim: Similarity, sample: int = 2000, seed: int = 0) -> float:
