@@ -426,7 +426,7 @@ def prepare(config: str, overrides: list[str]) -> Path:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: ``python app.py --run runs/openmoji``."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("crossmodal").setLevel(logging.INFO)
+    log.setLevel(logging.INFO)  # the app's own messages; the pipeline logs warnings only
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch/FAISS threads sleep (see cli.main)
     started = time.perf_counter()

@@ -67,7 +67,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int = 0  # 0: torch's default
-    feature_batch_size: int = 64
+    feature_batch_size: int = 32  # small batches keep the two extraction workers' caches warm
     cache_dir: str = ".cache/crossmodal/features"
     checkpoint_every: int = 5  # epochs; the last epoch is always checkpointed
     text_variants: bool = True  # frozen text: each step sees the joined captions or one caption at random

@@ -85,42 +85,44 @@ def prepare_run(
     run_dir = cfg.run_dir
     if run_dir.is_dir():
         recover_run(run_dir)  # finish or roll back an update a crash interrupted
-    timings: dict[str, float] = {}
+    n = len(STEPS)
 
-    def step(i: int, text: str, t0: float) -> None:
-        timings[STEPS[i]] = time.perf_counter() - t0
-        say(f"[{i + 1}/{len(STEPS)}] {text} ({timings[STEPS[i]]:.1f} s)")
+    def done(i: int, text: str, t0: float) -> None:
+        say(f"[{i + 1}/{n}] {STEPS[i]}: {text} ({time.perf_counter() - t0:.1f} s)")
+
+    def skipped(i: int, text: str) -> None:
+        say(f"[{i + 1}/{n}] {STEPS[i]}: {text}")
 
     t0 = time.perf_counter()
     dataset = open_dataset(cfg.data.name, cfg.data.options)
-    step(0, f"dataset {dataset.name}: {len(dataset):,} items", t0)
+    done(0, f"{dataset.name}, {len(dataset):,} items", t0)
 
     t0 = time.perf_counter()
     if is_trained(run_dir):
         differ = recipe_differences(run_dir, cfg)
-        note = f"; it was trained with other {', '.join(differ)}: delete it to retrain" if differ else ""
-        step(1, f"{run_dir} is already trained (skipped{note})", t0)
+        note = f" (trained with other {', '.join(differ)}: delete it to retrain)" if differ else ""
+        skipped(1, f"{run_dir} is already trained, skipped{note}")
     else:
-        resume = (run_dir / "checkpoint" / "state.json").exists()
+        # an interrupted training of this same recipe continues from its last checkpoint
+        resume = (run_dir / "checkpoint" / "state.json").exists() and not recipe_differences(run_dir, cfg)
         train_run(cfg, resume=resume, progress=progress)
-        manifest = check_run(run_dir)
-        resumed = " (resumed from its checkpoint)" if resume else ""
-        step(1, f"trained {run_dir}{resumed}: best validation mAP {manifest['best_val_map']:.3f}", t0)
+        best = check_run(run_dir)["best_val_map"]
+        done(1, f"{run_dir}{', resumed' if resume else ''}, best validation mAP {best:.3f}", t0)
 
     t0 = time.perf_counter()
     if is_indexed(run_dir):
-        step(2, f"{run_dir} is already indexed (skipped)", t0)
+        skipped(2, f"{run_dir} is already indexed, skipped")
     else:
         info = index_run(run_dir, progress=progress)
-        step(2, f"indexed {info['items']:,} images and {info['texts']:,} texts ({info['kind']})", t0)
+        done(2, f"{info['items']:,} images and {info['texts']:,} texts ({info['kind']})", t0)
 
     t0 = time.perf_counter()
     if is_evaluated(run_dir):
         rows = json.loads((run_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
-        step(3, f"{run_dir} is already evaluated (skipped)", t0)
+        skipped(3, f"{run_dir} is already evaluated, skipped")
     else:
         rows = eval_run(run_dir, baselines=baselines)
-        step(3, f"evaluated on {cfg.data.name}'s query split", t0)
+        done(3, f"{cfg.data.name} query split against the database", t0)
     say(summary_table(rows))
     say(f"report: {run_dir / 'eval' / 'report.md'}")
     say(f"{run_dir} ready in {time.perf_counter() - started:.1f} s")

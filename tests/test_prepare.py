@@ -26,7 +26,8 @@ def test_prepare_runs_every_step_then_skips_them(workdir):
     run = prepare_run(None, overrides(workdir, "prep"), progress=False, say=said.append)
     steps = [s for s in said if s.startswith("[")]
     assert [s[:5] for s in steps] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
-    assert "trained" in steps[1] and "indexed" in steps[2] and "evaluated" in steps[3]
+    assert [s.split(":")[0] for s in steps] == ["[1/4] data", "[2/4] train", "[3/4] index", "[4/4] eval"]
+    assert "best validation mAP" in steps[1] and "images and" in steps[2] and steps[3].endswith(" s)")
     assert any(s.startswith(" " * 10) or "hash" in s for s in said)  # the mAP table
     manifest = json.loads((run / "manifest.json").read_text())
     assert {"index", "eval"} <= set(manifest) and "model.safetensors" in manifest["files"]
@@ -94,3 +95,22 @@ def test_a_corrupt_image_gets_no_thumbnail():
     data = png(Image.new("RGB", (64, 64), (1, 2, 3)))
     with pytest.raises(ImageDecodeError):
         thumbnail_bytes(data[: len(data) // 2])
+
+
+def test_an_interrupted_training_resumes_from_its_checkpoint(workdir):
+    from crossmodal.config import load_config
+    from crossmodal.pipeline import train_run
+
+    cfg = load_config(None, [*overrides(workdir, "prep_resume"), "train.epochs=6", "train.checkpoint_every=3"])
+    run = train_run(cfg, progress=False)
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["epoch"] == 6
+    # as if killed after the checkpoint, before the model and manifest were written
+    (run / "model.safetensors").unlink()
+    (run / "manifest.json").unlink()
+    said: list[str] = []
+    prepare_run(None, [*overrides(workdir, "prep_resume"), "train.epochs=6", "train.checkpoint_every=3"],
+                progress=False, say=said.append)  # fmt: skip
+    step = next(s for s in said if s.startswith("[2/4]"))
+    assert "resumed" in step
+    assert json.loads((run / "manifest.json").read_text())["best_val_map"] == state["best_score"]
