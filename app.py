@@ -390,6 +390,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     p.add_argument("--k", type=int, default=DEFAULT_K, help="results per query (default: %(default)s)")
     args = p.parse_args(argv)
+    if args.overrides and not args.config:
+        p.error("--set changes a recipe: use it with --config")
     if not 1 <= args.k <= MAX_K:
         p.error(f"--k must be between 1 and {MAX_K}, got {args.k}")
     return args
@@ -412,15 +414,21 @@ def load_engine(run: str) -> RetrievalEngine:
 def prepare(config: str, overrides: list[str]) -> Path:
     """Prepare the recipe's run (``crossmodal.prepare``), or exit with code 2 and why."""
     from crossmodal.config import ConfigError
+    from crossmodal.index import IndexFileError
     from crossmodal.prepare import prepare_run
     from crossmodal.registry import UnknownNameError
     from crossmodal.run import RunError
+    from crossmodal.store import StoreError
 
     try:
         return prepare_run(config, overrides)
-    except (ConfigError, UnknownNameError, RunError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, UnknownNameError, RunError, FileNotFoundError, ValueError, IndexFileError,
+            StoreError) as exc:  # fmt: skip
         sys.stderr.write(f"app.py: cannot prepare {config}: {exc}\n")
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; the next run continues from the last finished step or checkpoint\n")
+        raise SystemExit(130) from None
 
 
 def main(argv: list[str] | None = None) -> None:

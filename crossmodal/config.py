@@ -67,7 +67,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int = 0  # 0: torch's default
-    feature_batch_size: int = 32  # small batches keep the two extraction workers' caches warm
+    feature_batch_size: int = 64
     cache_dir: str = ".cache/crossmodal/features"
     checkpoint_every: int = 5  # epochs; the last epoch is always checkpointed
     text_variants: bool = True  # frozen text: each step sees the joined captions or one caption at random
@@ -113,6 +113,34 @@ class Config:
             if getattr(self.train, key) <= 0:
                 raise ConfigError(f"train.{key} must be positive (got {getattr(self.train, key)})")
         return self
+
+
+# Settings that change how a run is computed, not what it learns.
+RUNTIME_SETTINGS = ("device", "num_threads", "feature_batch_size", "cache_dir", "checkpoint_every")
+
+
+def training_settings(cfg: Config) -> dict[str, dict[str, Any]]:
+    """What a trained model depends on: data, model, loss and train, less the runtime knobs.
+
+    The run's name and folder, and its index settings, are left out too: the same model
+    can live anywhere and be indexed any way.
+    """
+    d = cfg.to_dict()
+    out = {k: d[k] for k in ("data", "model", "loss", "train")}
+    out["train"] = {k: v for k, v in out["train"].items() if k not in RUNTIME_SETTINGS}
+    return out
+
+
+def settings_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """``section.key`` names whose values differ between two ``training_settings`` dicts."""
+    out = []
+    for section in sorted(set(a) | set(b)):
+        x, y = a.get(section), b.get(section)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += [f"{section}.{k}" for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
+        elif x != y:
+            out.append(section)
+    return out
 
 
 def from_dict(raw: dict[str, Any], cls: type = Config, where: str = "") -> Any:

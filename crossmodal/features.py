@@ -180,6 +180,7 @@ def extract_all(
     batch_size: int = 64,
     device: torch.device | None = None,
     variants: bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """``extract_features`` for several towers; what is not cached is computed side by side.
 
@@ -216,7 +217,7 @@ def extract_all(
         out = np.zeros((n, req.tower.feature_dim), dtype=np.float32)
         source = ModalityInputs(req.modality, dataset, req.tower, texts=texts)
         jobs.append(_Job(source, model, order, out, path, batch_size))
-    _run_jobs(jobs, device)
+    _run_jobs(jobs, device, progress)
     for job in jobs:
         if job.path is not None:
             with atomic_path(job.path) as tmp:
@@ -233,13 +234,14 @@ def extract_all(
     return out
 
 
-def _run_jobs(jobs: list[_Job], device: torch.device) -> None:
+def _run_jobs(jobs: list[_Job], device: torch.device, progress: bool = True) -> None:
     """Run every batch of ``jobs`` with a progress bar: two CPU workers when there are cores."""
     if not jobs:
         return
     work = [(job, idx) for job in jobs for idx in job.batches()]
     desc = " + ".join(j.source.modality for j in jobs) + " features"
-    bar = tqdm(total=sum(len(j.order) for j in jobs), desc=desc, unit="input", leave=False)
+    total = sum(len(j.order) for j in jobs)
+    bar = tqdm(total=total, desc=desc, unit="input", leave=False, disable=not progress)
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads < 2 or len(work) < 2:
         for job, idx in work:
@@ -250,24 +252,28 @@ def _run_jobs(jobs: list[_Job], device: torch.device) -> None:
 
     from concurrent.futures import ThreadPoolExecutor
 
-    def start_worker() -> None:  # torch's thread count is per calling thread
+    def start_worker() -> None:
         torch.set_num_threads(max(1, threads // 2))
 
     def run(item: tuple[_Job, np.ndarray]) -> None:
         item[0].run(item[1], device)
         bar.update(len(item[1]))
 
-    with ThreadPoolExecutor(2, initializer=start_worker, thread_name_prefix="features") as pool:
-        futures = [pool.submit(run, item) for item in work]
-        try:
-            for future in futures:
-                future.result()  # re-raises a worker's error
-        except BaseException:  # an error or Ctrl-C: drop the batches not started yet
-            for future in futures:
-                future.cancel()
-            raise
-        finally:
-            bar.close()
+    try:
+        with ThreadPoolExecutor(2, initializer=start_worker, thread_name_prefix="features") as pool:
+            futures = [pool.submit(run, item) for item in work]
+            try:
+                for future in futures:
+                    future.result()  # re-raises a worker's error
+            except BaseException:  # an error or Ctrl-C: drop the batches not started yet
+                for future in futures:
+                    future.cancel()
+                raise
+    finally:
+        bar.close()
+        # a worker's setting becomes the default of threads started later (an app's request
+        # threads, say): give them back the caller's
+        torch.set_num_threads(threads)
 
 
 def _load_cache(path: Path | None, shape: tuple[int, int]) -> np.ndarray | None:

@@ -117,22 +117,25 @@ def write_thumbnails(
         ["id", "image_path", "image_bytes"]
     )
     paths = []
+    written = 0
     for item_id, row in zip(ids, rows):
         if not row["image_bytes"]:
             paths.append(str((Path(dataset.info.image_root) / row["image_path"]).resolve()))
             continue
         rel = f"images/{int(item_id)}.png"
         target = run_dir / rel
-        if overwrite or not target.exists():
+        # an empty file is what a power cut can leave of one renamed before it was flushed
+        if overwrite or not target.exists() or target.stat().st_size == 0:
             try:
                 data = thumbnail_bytes(row["image_bytes"])
                 with atomic_path(target, fsync=False) as tmp:
                     tmp.write_bytes(data)
+                written += 1
             except ImageDecodeError as exc:
                 log.warning("item %s: %s", row["id"], exc)
                 rel = ""
         paths.append(rel)
-    if hasattr(os, "sync"):
+    if written and hasattr(os, "sync"):
         os.sync()  # the thumbnails reach the disk before the store that names them is committed
     return paths
 

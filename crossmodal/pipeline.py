@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,9 @@ def train_run(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
     check_names(cfg)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    invalidate_products(run_dir)
+    invalidate_products(run_dir, model=True)
+    if not resume and (run_dir / "checkpoint").is_dir():  # another training's: never resumed by mistake
+        shutil.rmtree(run_dir / "checkpoint")
     torch.manual_seed(cfg.train.seed)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)

@@ -13,9 +13,10 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
+from crossmodal.config import Config, ConfigError, settings_differences, training_settings
 from crossmodal.run import MANIFEST, RunError, check_run, load_run_config, recover_run
+from crossmodal.train import checkpoint_differences, checkpoint_state
 
 STEPS = ("data", "train", "index", "eval")
 
@@ -32,30 +33,37 @@ def is_trained(run_dir: Path) -> bool:
     return "model.safetensors" in manifest.get("files", {}) and (run_dir / "model.safetensors").exists()
 
 
-def is_indexed(run_dir: Path) -> bool:
-    manifest = check_run(run_dir)
-    return "index" in manifest and all((run_dir / f).exists() for f in ("image.index", "text.index"))
+def is_indexed(run_dir: Path, kind: str) -> bool:
+    """Indexed, with an index of ``kind`` (a recipe naming another kind is re-indexed)."""
+    info = check_run(run_dir).get("index")
+    return (
+        isinstance(info, dict)
+        and info.get("kind") == kind
+        and all((run_dir / f).exists() for f in ("image.index", "text.index"))
+    )
 
 
 def is_evaluated(run_dir: Path) -> bool:
     return "eval" in check_run(run_dir) and (run_dir / "eval" / "metrics.json").exists()
 
 
-def recipe_differences(run_dir: Path, cfg: Any) -> list[str]:
-    """Settings (``section.key``) where the run's saved recipe differs from ``cfg``."""
+def recipe_differences(run_dir: Path, cfg: Config) -> list[str]:
+    """Training settings (``section.key``) in which the run's saved recipe differs from ``cfg``.
+
+    Names, paths, index settings and runtime knobs (threads, batch size of feature
+    extraction, cache folder...) are not compared. An unreadable saved recipe differs.
+    """
     try:
-        saved = load_run_config(run_dir).to_dict()
-    except (RunError, OSError, ValueError):
-        return []
-    now = cfg.to_dict()
-    out = []
-    for section in sorted(set(saved) | set(now)):
-        a, b = saved.get(section), now.get(section)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        elif a != b:
-            out.append(section)
-    return out
+        saved = load_run_config(run_dir)
+    except (RunError, ConfigError, OSError, ValueError):
+        return ["config.yaml (missing or unreadable)"]
+    return settings_differences(training_settings(saved), training_settings(cfg))
+
+
+def can_resume(run_dir: Path, cfg: Config) -> bool:
+    """A whole checkpoint, written by this very recipe, in a run folder saved with it."""
+    meta = checkpoint_state(run_dir)
+    return meta is not None and not checkpoint_differences(meta, cfg) and not recipe_differences(run_dir, cfg)
 
 
 def prepare_run(
@@ -103,17 +111,16 @@ def prepare_run(
         note = f" (trained with other {', '.join(differ)}: delete it to retrain)" if differ else ""
         skipped(1, f"{run_dir} is already trained, skipped{note}")
     else:
-        # an interrupted training of this same recipe continues from its last checkpoint
-        resume = (run_dir / "checkpoint" / "state.json").exists() and not recipe_differences(run_dir, cfg)
+        resume = can_resume(run_dir, cfg)  # an interrupted training of this recipe continues
         train_run(cfg, resume=resume, progress=progress)
         best = check_run(run_dir)["best_val_map"]
         done(1, f"{run_dir}{', resumed' if resume else ''}, best validation mAP {best:.3f}", t0)
 
     t0 = time.perf_counter()
-    if is_indexed(run_dir):
+    if is_indexed(run_dir, cfg.index.kind):
         skipped(2, f"{run_dir} is already indexed, skipped")
     else:
-        info = index_run(run_dir, progress=progress)
+        info = index_run(run_dir, kind=cfg.index.kind, params=cfg.index.params, progress=progress)
         done(2, f"{info['items']:,} images and {info['texts']:,} texts ({info['kind']})", t0)
 
     t0 = time.perf_counter()

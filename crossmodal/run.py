@@ -238,11 +238,13 @@ def recover_run(run_dir: str | os.PathLike[str]) -> bool:
     return rolled_back
 
 
-def invalidate_products(run_dir: str | os.PathLike[str]) -> list[str]:
-    """Remove what a (re)trained model makes stale: indexes, store and evaluation.
+def invalidate_products(run_dir: str | os.PathLike[str], model: bool = False) -> list[str]:
+    """Remove what a (re)trained model makes stale: indexes, store, thumbnails and evaluation.
 
     Called before training into an existing run folder, so that a new model is never
-    served with the codes of the old one. Returns the names removed.
+    served with the codes of the old one. With ``model``, the manifest stops vouching for
+    the old model too: a training interrupted from here leaves a run that says it is
+    untrained, not the old weights beside the new config and splits. Returns the names removed.
     """
     import shutil
 
@@ -254,14 +256,16 @@ def invalidate_products(run_dir: str | os.PathLike[str]) -> list[str]:
         for key in ("index", "eval"):
             manifest.pop(key, None)
         files = manifest.get("files", {})
-        for name in [*INDEX_FILES, "eval/metrics.json", "eval/report.md"]:
+        stale = [*INDEX_FILES, "eval/metrics.json", "eval/report.md"]
+        for name in stale + (["model.safetensors", "train_log.json"] if model else []):
             files.pop(name, None)
         write_json_atomic(path, manifest)  # first: the manifest no longer vouches for them
     for name in removed:
         (run_dir / name).unlink()
-    if (run_dir / "eval").is_dir():
-        shutil.rmtree(run_dir / "eval")
-        removed.append("eval/")
+    for folder in ("eval", "images"):  # thumbnails are named by item id: stale for another dataset
+        if (run_dir / folder).is_dir():
+            shutil.rmtree(run_dir / folder)
+            removed.append(f"{folder}/")
     if removed:
         log.info("removed stale %s from %s", ", ".join(removed), run_dir)
     return removed

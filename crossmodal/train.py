@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from crossmodal.config import Config
+from crossmodal.config import Config, settings_differences, training_settings
 from crossmodal.data import CrossModalDataset
 from crossmodal.features import FeatureRequest, ModalityInputs, extract_all, item_texts
 from crossmodal.io import atomic_path, write_json_atomic
@@ -117,7 +117,7 @@ class Trainer:
         self.timings: dict[str, float] = {}  # seconds per phase: features (both towers), epochs
 
     # -- set-up -------------------------------------------------------------------------
-    def prepare_inputs(self) -> None:
+    def prepare_inputs(self, progress: bool = True) -> None:
         cfg, model = self.cfg, self.model
         texts = item_texts(self.dataset)
         if getattr(model.text_tower, "needs_fit", False) and not self.dataset.info.bow_dim:
@@ -132,7 +132,7 @@ class Trainer:
             elif cfg.train.trainable_blocks is not None and getattr(tower, "pretrained", False):
                 tower.set_trainable(cfg.train.trainable_blocks)
         cache, fbs = cfg.train.cache_dir, cfg.train.feature_batch_size
-        cached = extract_all(self.dataset, requests, cache, fbs, self.device, variants=True)
+        cached = extract_all(self.dataset, requests, cache, fbs, self.device, True, progress)
         for m, tower in towers.items():
             feats, offsets = cached.get(m, (None, None))
             self.inputs[m] = ModalityInputs(
@@ -164,7 +164,7 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model.to(self.device)
         self.loss.to(self.device)
-        self.prepare_inputs()
+        self.prepare_inputs(progress)
         n = len(self.train_idx)
         self.loss.prepare(n, self.model.bits, self.sim)  # may create the loss's own parameters
         self.loss.to(self.device)
@@ -293,9 +293,12 @@ class Trainer:
         for pid, st in opt_state["state"].items():
             for name, v in st.items():
                 tensors[f"opt.{pid}.{name}"] = torch.as_tensor(v).detach().cpu().contiguous()
+        # the epoch goes into both files: a crash between the two writes is detected on resume
         with atomic_path(ck / "state.safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            tensors = {k: v.contiguous() for k, v in tensors.items()}
+            save_file(tensors, str(tmp), metadata={"epoch": str(self.state.epoch)})
         meta = {
+            "settings": training_settings(self.cfg),
             "epoch": self.state.epoch,
             "best_epoch": self.state.best_epoch,
             "best_score": self.state.best_score,
@@ -306,16 +309,28 @@ class Trainer:
 
     def load_checkpoint(self, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         ck = self.run_dir / "checkpoint"
-        try:
-            meta = json.loads((ck / "state.json").read_text())
-            tensors = load_file(str(ck / "state.safetensors"), device=str(self.device))
-        except (OSError, ValueError, SafetensorError) as exc:
+        meta = checkpoint_state(self.run_dir)
+        if meta is None:
             raise RunError(
-                f"cannot resume from {ck}: {exc}; remove that folder to train from scratch"
-            ) from None
-        load_trainable_state(
-            self.model, self.loss, {k[4:]: v for k, v in tensors.items() if k.startswith("cur.")}
-        )
+                f"cannot resume from {ck}: it is missing, unreadable or incomplete (its two files are "
+                "from different epochs); remove that folder to train from scratch"
+            )
+        # a longer (or shorter) training of the same recipe may resume; anything else may not
+        ignored = {"train.epochs", "train.patience"}
+        differ = [k for k in checkpoint_differences(meta, self.cfg) if k not in ignored]
+        if differ:
+            raise RunError(
+                f"cannot resume from {ck}: it was written by another recipe (differs in "
+                f"{', '.join(differ)}); remove that folder to train from scratch"
+            )
+        try:
+            tensors = load_file(str(ck / "state.safetensors"), device=str(self.device))
+            load_trainable_state(
+                self.model, self.loss, {k[4:]: v for k, v in tensors.items() if k.startswith("cur.")}
+            )
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+            hint = "remove that folder to train from scratch"
+            raise RunError(f"cannot resume from {ck}: {exc}; {hint}") from None
         best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
         self.state = TrainState(
             meta["epoch"], meta["best_epoch"], meta["best_score"], meta["history"], best or None
@@ -327,6 +342,28 @@ class Trainer:
                 opt_state["state"].setdefault(int(pid), {})[name] = v
         opt.load_state_dict(opt_state)
         return {"image": tensors["buf.image"], "text": tensors["buf.text"]}, tensors["buf.B"]
+
+
+def checkpoint_state(run_dir: Path) -> dict[str, Any] | None:
+    """The metadata of ``run_dir``'s checkpoint if it is whole (both files of one epoch), else None."""
+    from safetensors import safe_open
+
+    ck = Path(run_dir) / "checkpoint"
+    try:
+        meta = json.loads((ck / "state.json").read_text(encoding="utf-8"))
+        with safe_open(str(ck / "state.safetensors"), framework="pt") as fh:
+            epoch = (fh.metadata() or {}).get("epoch")
+    except (OSError, ValueError, SafetensorError):
+        return None
+    return meta if isinstance(meta, dict) and epoch == str(meta.get("epoch")) else None
+
+
+def checkpoint_differences(meta: dict[str, Any], cfg: Config) -> list[str]:
+    """Settings in which the recipe that wrote a checkpoint differs from ``cfg`` (all if unknown)."""
+    saved = meta.get("settings")
+    if not isinstance(saved, dict):
+        return ["(a checkpoint without its recipe)"]
+    return settings_differences(saved, training_settings(cfg))
 
 
 def codes_for_eval(

@@ -208,3 +208,17 @@ def test_main_refuses_an_unindexed_run(app_module, tiny_run, tmp_path, capsys):
         app_module.main(["--run", str(run)])
     assert exc.value.code == 2
     assert f"crossmodal index --run {run}" in capsys.readouterr().err
+
+
+def test_main_refuses_set_without_a_recipe_and_a_bad_recipe(app_module, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        app_module.main(["--run", "runs/x", "--set", "train.epochs=3"])
+    assert exc.value.code == 2 and "--set changes a recipe: use it with --config" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        app_module.main(["--config", str(tmp_path / "nope.yaml")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "cannot prepare" in err and "config file not found" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exc:
+        app_module.main(["--run", "a", "--config", "b"])
+    assert exc.value.code == 2 and "not allowed with" in capsys.readouterr().err

@@ -28,7 +28,8 @@ def test_prepare_runs_every_step_then_skips_them(workdir):
     assert [s[:5] for s in steps] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
     assert [s.split(":")[0] for s in steps] == ["[1/4] data", "[2/4] train", "[3/4] index", "[4/4] eval"]
     assert "best validation mAP" in steps[1] and "images and" in steps[2] and steps[3].endswith(" s)")
-    assert any(s.startswith(" " * 10) or "hash" in s for s in said)  # the mAP table
+    table = next(s for s in said if "i2t mAP" in s)  # the mAP table, hash row first
+    assert table.splitlines()[1].startswith("hash ") and "float (cosine)" in table
     manifest = json.loads((run / "manifest.json").read_text())
     assert {"index", "eval"} <= set(manifest) and "model.safetensors" in manifest["files"]
     stamp = (run / "manifest.json").stat().st_mtime_ns
@@ -38,8 +39,7 @@ def test_prepare_runs_every_step_then_skips_them(workdir):
     steps = [s for s in again if s.startswith("[")]
     assert all("skipped" in s for s in steps[1:]), steps
     assert (run / "manifest.json").stat().st_mtime_ns == stamp  # nothing rewritten
-    table = next(s for s in again if "hash" in s)
-    assert table == next(s for s in said if "hash" in s)  # the stored table is printed again
+    assert next(s for s in again if "i2t mAP" in s) == table  # the stored table, in the same order
 
     changed: list[str] = []
     prepare_run(None, [*overrides(workdir, "prep"), "train.lr=0.02"], progress=False, say=changed.append)
@@ -97,20 +97,120 @@ def test_a_corrupt_image_gets_no_thumbnail():
         thumbnail_bytes(data[: len(data) // 2])
 
 
-def test_an_interrupted_training_resumes_from_its_checkpoint(workdir):
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at_epoch(monkeypatch, epoch: int) -> list[int]:
+    """Make training raise at the start of ``epoch`` (0-based); returns the epochs run."""
+    from crossmodal.train import Trainer
+
+    original = Trainer.run_modality
+    seen: list[int] = []
+
+    def run_modality(self, m, e, *args):
+        if e == epoch:
+            raise Interrupt
+        if m == "image":
+            seen.append(e)
+        return original(self, m, e, *args)
+
+    monkeypatch.setattr(Trainer, "run_modality", run_modality)
+    return seen
+
+
+RESUMABLE = ["train.epochs=6", "train.checkpoint_every=3"]
+
+
+def test_an_interrupted_training_resumes_from_its_checkpoint(workdir, monkeypatch):
+    recipe = [*overrides(workdir, "prep_resume"), *RESUMABLE]
+    with monkeypatch.context() as m:
+        interrupt_at_epoch(m, 4)  # killed during epoch 5, after the checkpoint of epoch 3
+        with pytest.raises(Interrupt):
+            prepare_run(None, recipe, progress=False, say=lambda s: None)
+    run = workdir / "runs" / "prep_resume"
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["epoch"] == 3
+    seen = interrupt_at_epoch(monkeypatch, -1)
+    said: list[str] = []
+    prepare_run(None, recipe, progress=False, say=said.append)
+    assert "resumed" in next(s for s in said if s.startswith("[2/4]"))
+    assert seen == [3, 4, 5]  # only the epochs after the checkpoint
+    log = json.loads((run / "train_log.json").read_text())
+    assert [h["epoch"] for h in log["history"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_checkpoint_of_another_recipe_is_not_resumed(workdir, monkeypatch):
     from crossmodal.config import load_config
     from crossmodal.pipeline import train_run
 
-    cfg = load_config(None, [*overrides(workdir, "prep_resume"), "train.epochs=6", "train.checkpoint_every=3"])
-    run = train_run(cfg, progress=False)
-    state = json.loads((run / "checkpoint" / "state.json").read_text())
-    assert state["epoch"] == 6
-    # as if killed after the checkpoint, before the model and manifest were written
-    (run / "model.safetensors").unlink()
-    (run / "manifest.json").unlink()
+    recipe = [*overrides(workdir, "prep_other"), *RESUMABLE]
+    with monkeypatch.context() as m:
+        interrupt_at_epoch(m, 4)
+        with pytest.raises(Interrupt):  # recipe A stops after its epoch-3 checkpoint
+            prepare_run(None, recipe, progress=False, say=lambda s: None)
+    with monkeypatch.context() as m:
+        interrupt_at_epoch(m, 1)
+        with pytest.raises(Interrupt):  # recipe B (another lr) starts, and stops before a checkpoint
+            prepare_run(None, [*recipe, "train.lr=0.02"], progress=False, say=lambda s: None)
+    run = workdir / "runs" / "prep_other"
+    assert not (run / "checkpoint").exists()  # B removed A's checkpoint when it started afresh
+    seen = interrupt_at_epoch(monkeypatch, -1)
     said: list[str] = []
-    prepare_run(None, [*overrides(workdir, "prep_resume"), "train.epochs=6", "train.checkpoint_every=3"],
-                progress=False, say=said.append)  # fmt: skip
-    step = next(s for s in said if s.startswith("[2/4]"))
-    assert "resumed" in step
-    assert json.loads((run / "manifest.json").read_text())["best_val_map"] == state["best_score"]
+    prepare_run(None, [*recipe, "train.lr=0.02"], progress=False, say=said.append)
+    assert "resumed" not in next(s for s in said if s.startswith("[2/4]")) and seen == list(range(6))
+
+    # the command line's --resume refuses another recipe's checkpoint, naming the difference
+    cfg = load_config(None, [*recipe, "train.lr=0.05"])
+    with pytest.raises(RunError, match="another recipe.*train.lr"):
+        train_run(cfg, resume=True, progress=False)
+
+
+def test_an_incomplete_checkpoint_is_not_resumed(workdir, monkeypatch):
+    from crossmodal.train import checkpoint_state
+
+    recipe = [*overrides(workdir, "prep_torn"), *RESUMABLE]
+    with monkeypatch.context() as m:
+        interrupt_at_epoch(m, 4)
+        with pytest.raises(Interrupt):
+            prepare_run(None, recipe, progress=False, say=lambda s: None)
+    run = workdir / "runs" / "prep_torn"
+    assert checkpoint_state(run) is not None
+    meta = json.loads((run / "checkpoint" / "state.json").read_text())
+    meta["epoch"] = 6  # as if killed between writing the checkpoint's two files
+    (run / "checkpoint" / "state.json").write_text(json.dumps(meta))
+    assert checkpoint_state(run) is None
+    seen = interrupt_at_epoch(monkeypatch, -1)
+    said: list[str] = []
+    prepare_run(None, recipe, progress=False, say=said.append)
+    assert "resumed" not in next(s for s in said if s.startswith("[2/4]")) and seen == list(range(6))
+
+
+def test_an_interrupted_retraining_leaves_an_untrained_run(workdir, monkeypatch):
+    from crossmodal.engine import RetrievalEngine
+    from crossmodal.prepare import is_trained
+
+    recipe = overrides(workdir, "prep_retrain")
+    run = prepare_run(None, recipe, progress=False, say=lambda s: None)
+    assert is_trained(run)
+    from crossmodal.config import load_config
+    from crossmodal.pipeline import train_run
+
+    with monkeypatch.context() as m:
+        interrupt_at_epoch(m, 1)
+        with pytest.raises(Interrupt):  # crossmodal train over the trained run, killed early
+            train_run(load_config(None, [*recipe, "train.epochs=3"]), progress=False)
+    assert not is_trained(run)  # never the old weights beside the new config and splits
+    with pytest.raises(RunError, match="crossmodal train"):
+        RetrievalEngine.load(run)
+
+
+def test_a_recipe_with_another_index_kind_is_reindexed(workdir):
+    recipe = overrides(workdir, "prep_kind")
+    run = prepare_run(None, recipe, progress=False, say=lambda s: None)
+    assert json.loads((run / "manifest.json").read_text())["index"]["kind"] == "flat"
+    said: list[str] = []
+    prepare_run(None, [*recipe, "index.kind=hnsw"], progress=False, say=said.append)
+    step = next(s for s in said if s.startswith("[3/4]"))
+    assert "skipped" not in step and "(hnsw)" in step
+    assert "skipped" in next(s for s in said if s.startswith("[2/4]"))  # no retraining for it
+    assert json.loads((run / "manifest.json").read_text())["index"]["kind"] == "hnsw"

@@ -100,10 +100,11 @@ def test_retraining_an_indexed_run_removes_its_stale_indexes(tiny_run, workdir, 
     from crossmodal.run import RunError
 
     shutil.copytree(tiny_run, tmp_path / "tiny")
-    assert (tmp_path / "tiny" / "image.index").exists()
+    assert (tmp_path / "tiny" / "image.index").exists() and any((tmp_path / "tiny" / "images").iterdir())
     train_run(tiny_config(workdir, f"runs_dir={tmp_path}", "train.epochs=2"), progress=False)
     manifest = json.loads((tmp_path / "tiny" / "manifest.json").read_text())
     assert "index" not in manifest and "image.index" not in manifest["files"]
     assert not (tmp_path / "tiny" / "image.index").exists()
+    assert not (tmp_path / "tiny" / "images").exists()  # thumbnails by item id: maybe another dataset now
     with pytest.raises(RunError, match="crossmodal index"):
         RetrievalEngine.load(tmp_path / "tiny")

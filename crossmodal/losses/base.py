@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 @dataclass
@@ -43,8 +44,11 @@ class Similarity:
     def binary(self, rows: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
         """1 where items share at least one label (or are the same item), else 0."""
         if cols is None and self.labels is not None and self.n <= self.dense_limit:
-            if self._dense is None:
-                self._dense = (self.labels @ self.labels.T) > 0
+            if self._dense is None:  # in row blocks: no float [n, n] product at any time
+                dense = torch.empty(self.n, self.n, dtype=torch.bool, device=self.labels.device)
+                for s in range(0, self.n, 1024):
+                    dense[s : s + 1024] = (self.labels[s : s + 1024] @ self.labels.T) > 0
+                self._dense = dense
             return self._dense[rows].float()
         return (self.graded(rows, cols) > 0).float()
 
@@ -135,14 +139,16 @@ class _PairwiseNLL(torch.autograd.Function):
         theta = (0.5 * a) @ b.T
         # softplus is log(1 + e^x), computed stably (x itself beyond 20)
         nll = torch.nn.functional.softplus(theta) - s * theta
-        grad = torch.sigmoid(theta) - s
-        if pos_weight != 1.0:
-            w = 1.0 + (pos_weight - 1.0) * s
-            nll, grad = nll * w, grad * w
-        ctx.save_for_backward(a, b, grad)
+        w = 1.0 + (pos_weight - 1.0) * s if pos_weight != 1.0 else None
+        if w is not None:
+            nll = nll * w
+        if any(ctx.needs_input_grad[:2]):
+            grad = torch.sigmoid(theta) - s
+            ctx.save_for_backward(a, b, grad if w is None else grad * w)
         return nll.sum()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         a, b, grad = ctx.saved_tensors
         grad = grad * (0.5 * grad_out)
