@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from crossmodal.codes import sign
 from crossmodal.io import atomic_path
 from crossmodal.registry import Registry
 
@@ -141,7 +142,7 @@ def itq_rotation(views: list[np.ndarray], iters: int = 50, seed: int = 0) -> tup
     rot = random_rotation(total.shape[1], seed)
     losses = []
     for _ in range(iters):
-        codes = np.where(total @ rot >= 0, 1.0, -1.0)  # [n, c]
+        codes = sign(total @ rot).astype(np.float64)  # [n, c]
         u, _, vt = np.linalg.svd(total.T @ codes)  # max tr(R^T V^T B): R = U W^T
         rot = u @ vt
         losses.append(float(sum(np.sum((codes - v @ rot) ** 2) for v in views)))
@@ -175,10 +176,10 @@ class Baseline:
         return _project(x, self.mean_text, self.proj_text, "text")
 
     def encode_image(self, x: np.ndarray) -> np.ndarray:
-        return np.where(self.project_image(x) >= 0, 1, -1).astype(np.int8)
+        return sign(self.project_image(x))
 
     def encode_text(self, x: np.ndarray) -> np.ndarray:
-        return np.where(self.project_text(x) >= 0, 1, -1).astype(np.int8)
+        return sign(self.project_text(x))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the baseline to one ``.npz`` file, atomically."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -57,7 +58,7 @@ def _build_data_args(p: argparse.ArgumentParser) -> None:
 
 def _open_from_args(args: argparse.Namespace):
     """The dataset named on the command line, with ``--root``, ``-o`` options and ``--force``."""
-    from crossmodal.pipeline import open_dataset
+    from crossmodal.data import open_dataset
 
     options = _options(args.option)
     if args.root:
@@ -119,10 +120,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 @args_for(_train_args)
 def cmd_train(args: argparse.Namespace) -> int:
     from crossmodal.config import load_config
-    from crossmodal.pipeline import train_run
+    from crossmodal.jobs.train import train_run
+    from crossmodal.runs.state import is_trained
 
     cfg = load_config(args.config, args.overrides)
-    if args.if_missing and (cfg.run_dir / "model.safetensors").exists():
+    if args.if_missing and is_trained(cfg.run_dir):
         print(f"{cfg.run_dir} is already trained (skipping)")
         return 0
     run_dir = train_run(cfg, resume=args.resume)
@@ -139,7 +141,7 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
 @command("prepare", "build, train, index and evaluate a recipe in one process, skipping finished steps")
 @args_for(_prepare_args)
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from crossmodal.prepare import prepare_run
+    from crossmodal.jobs.prepare import prepare_run
 
     prepare_run(args.config, args.overrides, baselines=not args.no_baselines)
     return 0
@@ -160,14 +162,14 @@ def _index_args(p: argparse.ArgumentParser) -> None:
 @command("index", "encode a run's database into FAISS binary indexes and a metadata store")
 @args_for(_index_args)
 def cmd_index(args: argparse.Namespace) -> int:
-    from crossmodal.indexing import add_to_run, index_run
-    from crossmodal.run import read_manifest
+    from crossmodal.jobs.index import add_to_run, index_run
+    from crossmodal.runs.state import is_indexed
 
     if args.add:
         info = add_to_run(args.run, args.add, _options(args.option))
         print(f"added {info['added_items']} items and {info['added_texts']} texts to {args.run}")
         return 0
-    if args.if_missing and "index" in read_manifest(args.run) and Path(args.run, "image.index").exists():
+    if args.if_missing and is_indexed(args.run):
         print(f"{args.run} is already indexed (skipping)")
         return 0
     info = index_run(args.run, kind=args.kind, params=_options(args.param))
@@ -189,8 +191,8 @@ def _search_args(p: argparse.ArgumentParser) -> None:
 @command("search", "search a run by keywords or by an image and print the results")
 @args_for(_search_args)
 def cmd_search(args: argparse.Namespace) -> int:
-    from crossmodal.engine import RetrievalEngine
     from crossmodal.images import ImageDecodeError
+    from crossmodal.serving import RetrievalEngine
     from crossmodal.text import QueryError
 
     engine = RetrievalEngine.load(args.run)
@@ -220,6 +222,24 @@ def format_result(result) -> str:
     return "\n".join(lines)
 
 
+# -- serve ------------------------------------------------------------------------------------
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from crossmodal.app import add_args, check_args
+
+    add_args(p)
+    p.set_defaults(check=functools.partial(check_args, p))
+
+
+@command("serve", "serve a run (or a recipe, prepared first) as the Gradio app")
+@args_for(_serve_args)
+def cmd_serve(args: argparse.Namespace) -> int:
+    from crossmodal.app import run_app
+
+    args.check(args)
+    run_app(args)
+    return 0
+
+
 # -- eval -------------------------------------------------------------------------------------
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run folder")
@@ -233,10 +253,11 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from crossmodal.eval_run import eval_run, summary_table
+    from crossmodal.jobs.eval import eval_run, summary_table
+    from crossmodal.runs.state import is_evaluated
 
     metrics_file = Path(args.run) / "eval" / "metrics.json"
-    if args.if_missing and metrics_file.exists():
+    if args.if_missing and is_evaluated(args.run):
         rows = json.loads(metrics_file.read_text())
     else:
         rows = eval_run(args.run, baselines=not args.no_baselines, ks=tuple(args.k or (100,)))
@@ -259,7 +280,7 @@ def _grid_args(p: argparse.ArgumentParser, default_losses: str) -> None:
 
 
 def _run_grid(args: argparse.Namespace, default_out: str) -> int:
-    from crossmodal.grid import run_grid
+    from crossmodal.jobs.grid import run_grid
     from crossmodal.losses import list_losses
 
     losses = (
@@ -321,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from crossmodal.config import ConfigError
     from crossmodal.index import IndexFileError
     from crossmodal.registry import UnknownNameError
-    from crossmodal.run import RunError
+    from crossmodal.runs.folder import RunError
     from crossmodal.store import StoreError
 
     try:

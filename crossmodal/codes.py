@@ -52,11 +52,15 @@ def _check_bits(d: int) -> None:
         raise ValueError(f"code length d={d} must be a positive multiple of 8")
 
 
-def pack_codes(codes: Any) -> np.ndarray:
-    """Pack ``[n, d]`` codes in {-1, +1} into ``uint8 [n, d // 8]`` (bit order: module docstring).
+def pack_codes(codes: Any, pad: bool = False) -> np.ndarray:
+    """Pack ``[n, d]`` codes in {-1, +1} into ``uint8 [n, ceil(d / 8)]`` (bit order: module docstring).
 
     Any value ``>= 0`` counts as +1 (so 0/1 bits and raw real-valued outputs also pack as
-    ``sign`` would). ``d`` must be a multiple of 8.
+    ``sign`` would). ``d`` must be a multiple of 8 unless ``pad``, which fills the last
+    byte with zero bits (equal in every code, so they add nothing to Hamming distances).
+
+    Raises:
+        ValueError: codes that are not 2-D, or a ``d`` that is not a multiple of 8.
     """
     if _is_torch(codes):
         codes = codes.detach().cpu().numpy()
@@ -65,7 +69,8 @@ def pack_codes(codes: Any) -> np.ndarray:
         arr = arr[None, :]
     if arr.ndim != 2:
         raise ValueError(f"codes must be [n, d], got shape {arr.shape}")
-    _check_bits(arr.shape[1])
+    if not pad:
+        _check_bits(arr.shape[1])
     return np.packbits(arr >= 0, axis=1, bitorder="little")
 
 
@@ -84,11 +89,22 @@ def unpack_codes(packed: np.ndarray, d: int) -> np.ndarray:
 
 
 def popcount(x: np.ndarray) -> np.ndarray:
-    """Number of set bits of each ``uint8`` element (same shape, ``uint8``)."""
-    x = np.asarray(x, dtype=np.uint8)
+    """Number of set bits of each element of an unsigned integer array (same shape, ``uint8``).
+
+    Uses ``np.bitwise_count`` (NumPy >= 2) when present, else a byte lookup table.
+
+    Raises:
+        ValueError: ``x`` is not of an unsigned integer dtype.
+    """
+    x = np.asarray(x)
+    if x.dtype.kind != "u":
+        raise ValueError(f"popcount needs unsigned integers, got {x.dtype}")
     if hasattr(np, "bitwise_count"):
         return np.bitwise_count(x)
-    return _POPCOUNT_TABLE[x]
+    if x.dtype == np.uint8:
+        return _POPCOUNT_TABLE[x]
+    as_bytes = np.ascontiguousarray(x).view(np.uint8).reshape(*x.shape, x.dtype.itemsize)
+    return _POPCOUNT_TABLE[as_bytes].sum(axis=-1, dtype=np.uint8)
 
 
 def _check_packed_pair(q: np.ndarray, db: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -120,8 +136,9 @@ def hamming_distances(q_packed: np.ndarray, db_packed: np.ndarray, chunk: int = 
     return out
 
 
-def weighted_hamming(q_codes: np.ndarray, db_codes: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Weighted Hamming distance ``sum_j w_j [q_j != b_j]`` on unpacked codes (DRSCH-style).
+def weighted_hamming(q_codes: Any, db_codes: Any, weights: Any) -> Any:
+    """Weighted Hamming distance ``sum_j w_j [q_j != b_j]`` on unpacked codes (DRSCH, Zhang et al.,
+    TIP 2015).
 
     Args:
         q_codes: ``[nq, d]`` codes in {-1, +1} (values ``>= 0`` count as +1).
@@ -129,8 +146,18 @@ def weighted_hamming(q_codes: np.ndarray, db_codes: np.ndarray, weights: np.ndar
         weights: ``[d]`` per-bit weights.
 
     Returns:
-        ``float64 [nq, n]``; with all weights 1 it equals ``hamming_distances``.
+        ``float64 [nq, n]``; with all weights 1 it equals ``hamming_distances``. For torch
+        tensors, the differentiable surrogate ``sum_j w_j (q_j - b_j)^2 / 4`` ``[nq, n]`` on
+        the values as they are (equal to the weighted Hamming distance on {-1, +1} codes),
+        for losses on continuous codes.
+
+    Raises:
+        ValueError: the code lengths or the number of weights disagree.
     """
+    if _is_torch(q_codes):
+        qw = q_codes * weights
+        return ((qw * q_codes).sum(1, keepdim=True) + (weights * db_codes * db_codes).sum(1)
+                - 2 * qw @ db_codes.T) / 4  # fmt: skip
     q = np.atleast_2d(np.asarray(q_codes)) >= 0
     db = np.atleast_2d(np.asarray(db_codes)) >= 0
     w = np.asarray(weights, dtype=np.float64).ravel()

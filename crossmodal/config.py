@@ -2,7 +2,8 @@
 
 A recipe is a YAML file in ``configs/`` with the sections below. Unknown keys and values
 of the wrong type are refused with a message naming them; the resolved config is written
-into the run folder as ``config.yaml``.
+into the run folder as ``config.yaml``. Shipped recipes state every training setting, so
+a default below changes none of them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,19 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message says which key and why."""
 
 
+# The defaults are those of the default recipe, configs/openmoji.yaml, so that ``Config()``
+# is not a second, different "openmoji" recipe. Two settings belong to the dataset or loss a
+# config names, not to the recipe, and default to what that builder or loss takes when given
+# nothing: ``data.options`` (the OpenMoji builder's defaults are the recipe's) and
+# ``loss.params`` (DCMH's own defaults are the paper's, eta = 1, which the recipe replaces).
+# Holding OpenMoji's or DCMH's values there would hand them to any other dataset or loss that
+# an override names. Runtime knobs keep machine-neutral defaults. tests/test_config.py checks
+# all of this against the recipe file.
+
+# Split sizes are DataConfig keys, never builder options: a builder only declares its default protocol.
+SPLIT_SIZE_KEYS = ("n_query", "n_train", "n_val")
+
+
 @dataclass
 class DataConfig:
     name: str = "openmoji"
@@ -39,10 +53,10 @@ class ModelConfig:
     image_tower: str = "efficientnet_lite0"
     text_tower: str = "minilm"
     bits: int = 64
-    head: str = "linear"  # linear | mlp | dne (divide-and-encode)
+    head: str = "mlp"  # linear | mlp | dne (divide-and-encode)
     head_hidden: int = 1024  # hidden width of the mlp head
     pretrained: bool = True
-    image_size: int = 224
+    image_size: int = 96
     image_weights: str | None = None  # a weights file for torchvision towers
     text_options: dict[str, Any] = field(default_factory=dict)
 
@@ -57,7 +71,7 @@ class LossConfig:
 class TrainConfig:
     mode: str = "frozen"  # frozen: cache pretrained tower features, train the rest; finetune: end to end
     trainable_blocks: int | None = None  # finetune: train only the last n blocks of pretrained towers
-    epochs: int = 40
+    epochs: int = 15
     batch_size: int = 128
     lr: float = 1e-3
     optimizer: str = "adam"  # adam | sgd
@@ -112,6 +126,9 @@ class Config:
         for key in ("epochs", "batch_size"):
             if getattr(self.train, key) <= 0:
                 raise ConfigError(f"train.{key} must be positive (got {getattr(self.train, key)})")
+        for key in SPLIT_SIZE_KEYS:
+            if key in self.data.options:
+                raise ConfigError(f"data.options.{key}: set split sizes with data.{key}")
         return self
 
 

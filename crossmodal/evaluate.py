@@ -84,7 +84,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from crossmodal.codes import pack_codes, unpack_codes
+from crossmodal.codes import pack_codes, popcount, unpack_codes, weighted_hamming
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +100,6 @@ DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 21
 # ----------------------------------------------------------------------------------------
 # Code conversions
 # ----------------------------------------------------------------------------------------
-def is_packed(codes: np.ndarray) -> bool:
-    """True when ``codes`` is read as packed bits (``uint8``), False for {-1, +1} codes."""
-    return np.asarray(codes).dtype == np.uint8
-
-
 def as_packed(codes: np.ndarray, name: str = "codes") -> np.ndarray:
     """Return ``uint8 [n, bits // 8]`` packed codes from packed or {-1, +1} input."""
     arr = np.atleast_2d(np.asarray(codes))
@@ -113,11 +108,9 @@ def as_packed(codes: np.ndarray, name: str = "codes") -> np.ndarray:
     if arr.dtype == np.uint8:
         return np.ascontiguousarray(arr)
     _check_signs(arr, name)
-    if arr.shape[1] % 8 == 0:
-        return pack_codes(arr)
     # Any length is accepted here (tests use 4-bit codes): the zero padding of the last
     # byte is the same in queries and database, so it adds nothing to Hamming distances.
-    return np.packbits(arr > 0, axis=1, bitorder="little")
+    return pack_codes(arr, pad=True)
 
 
 def as_signs(codes: np.ndarray, bits: int | None = None, name: str = "codes") -> np.ndarray:
@@ -172,8 +165,8 @@ class _Scorer:
             self.weights = np.asarray(weights, dtype=np.float64).ravel()
             if self.weights.shape[0] != bits:
                 raise ValueError(f"bit_weights has {self.weights.shape[0]} entries for {bits}-bit codes")
-            self.query = as_signs(query, bits, "query codes").astype(np.float64) * self.weights
-            self.db = as_signs(db, bits, "database codes").astype(np.float64)
+            self.query = as_signs(query, bits, "query codes")
+            self.db = as_signs(db, bits, "database codes")
             self.metric = "weighted"
             return
         self.n_groups = bits + 1
@@ -193,10 +186,10 @@ class _Scorer:
         if self.metric == "cosine":
             return -(q @ self.db.T)  # [c, n_db] float32, smaller is closer
         if self.metric == "weighted":
-            return np.round(0.5 * (self.weights.sum() - q @ self.db.T), 9)  # [c, n_db]
+            return np.round(weighted_hamming(q, self.db, self.weights), 9)  # [c, n_db]
         if self.db.shape[1] == 1:
-            return np.bitwise_count(q[:, :1] ^ self.db[None, :, 0])  # [c, n_db] uint8
-        counts = np.bitwise_count(q[:, None, :] ^ self.db[None, :, :])  # [c, n_db, words]
+            return popcount(q[:, :1] ^ self.db[None, :, 0])  # [c, n_db] uint8
+        counts = popcount(q[:, None, :] ^ self.db[None, :, :])  # [c, n_db, words]
         return counts.sum(axis=2, dtype=np.uint8 if self.n_groups <= 256 else np.uint16)
 
 
@@ -261,7 +254,7 @@ class _Relevance:
         if not graded:
             return both[..., 0] != 0 if both.shape[2] == 1 else both.any(axis=2)
         dtype = np.uint8 if self.n_labels < 256 else np.uint16
-        return np.bitwise_count(both).sum(axis=2, dtype=dtype)
+        return popcount(both).sum(axis=2, dtype=dtype)
 
 
 def _pack_labels(multi_hot: np.ndarray) -> np.ndarray:
@@ -648,6 +641,18 @@ def _side(value: Any, modality: str, name: str) -> Any:
             raise KeyError(f"{name} has no entry {modality!r}; keys: {', '.join(map(str, value))}")
         return value[modality]
     return value
+
+
+def relevance_args(labels: np.ndarray, q_idx: np.ndarray, db_idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Relevance arguments of ``evaluate_directions`` for items at positions ``q_idx`` / ``db_idx``.
+
+    ``labels [n, L]``: "shares a label" (``query_labels`` / ``db_labels``); with ``L = 0``
+    (captions-only data), "same item" (``query_keys`` / ``db_keys``: the positions).
+    """
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1]:
+        return {"query_labels": labels[q_idx], "db_labels": labels[db_idx]}
+    return {"query_keys": np.asarray(q_idx), "db_keys": np.asarray(db_idx)}
 
 
 def evaluate_directions(

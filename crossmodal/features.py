@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from crossmodal.config import Config
 from crossmodal.data import CrossModalDataset
 from crossmodal.images import ImageDecodeError, open_image
 from crossmodal.io import atomic_path
@@ -34,7 +35,7 @@ def join_captions(captions: list[str]) -> str:
 
 def item_texts(dataset: CrossModalDataset) -> list[str]:
     """One text per item: its captions joined (the text side of each training pair)."""
-    return [join_captions(c) for c in dataset.table["captions"]]
+    return [join_captions(c) for c in dataset.captions_of()]
 
 
 def image_batch(dataset: CrossModalDataset, tower: Any, indices: np.ndarray) -> torch.Tensor:
@@ -44,11 +45,8 @@ def image_batch(dataset: CrossModalDataset, tower: Any, indices: np.ndarray) -> 
     dataset builders already skip undecodable images, so this only guards files that
     changed on disk after the build.
     """
-    rows = dataset.table.select(np.asarray(indices).tolist()).select_columns(
-        ["id", "image_path", "image_bytes"]
-    )
     out = []
-    for row in rows:
+    for row in dataset.image_rows(indices):
         try:
             img = open_image(dataset.image_source(row))
         except ImageDecodeError as exc:
@@ -81,6 +79,13 @@ class ModalityInputs:
     def from_features(self) -> bool:
         return self.features is not None
 
+    @property
+    def item_features(self) -> torch.Tensor | None:
+        """``[n_items, f]`` cached features, one row per item (its joined text for text variants)."""
+        if self.features is None or self.offsets is None:
+            return self.features
+        return self.features[torch.as_tensor(self.offsets[:-1], dtype=torch.long)]
+
     def batch(self, indices: np.ndarray, device: torch.device, rng: np.random.Generator | None = None) -> Any:
         """Inputs for ``indices``; with ``rng`` and text variants, a random variant per item."""
         if self.features is not None:
@@ -98,6 +103,15 @@ class ModalityInputs:
         return {k: v.to(device) for k, v in batch.items()}
 
 
+def tower_description(cfg: Config, modality: str) -> dict[str, Any]:
+    """What a frozen tower's cached features depend on (part of the cache key)."""
+    m = cfg.model
+    if modality == "image":
+        return {"name": m.image_tower, "size": m.image_size, "weights": m.image_weights,
+                "pretrained": m.pretrained}  # fmt: skip
+    return {"name": m.text_tower, "options": m.text_options, "pretrained": m.pretrained}
+
+
 def cache_key(dataset: CrossModalDataset, modality: str, tower_desc: dict[str, Any]) -> str:
     blob = json.dumps({"data": dataset.fingerprint(), "modality": modality, **tower_desc}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -112,7 +126,7 @@ def text_variants(dataset: CrossModalDataset) -> tuple[list[str], np.ndarray]:
     """
     texts: list[str] = []
     offsets = [0]
-    for captions in dataset.table["captions"]:
+    for captions in dataset.captions_of():
         texts.append(join_captions(captions))
         if len(captions) > 1:
             texts.extend(captions)

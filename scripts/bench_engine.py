@@ -70,8 +70,8 @@ def build(run: Path, out: Path, n: int, seed: int = 0) -> dict:
 
 
 def latency(run: Path, db: Path, queries: list[str], k: int) -> dict:
-    from crossmodal.engine import RetrievalEngine
     from crossmodal.index import BinaryIndex
+    from crossmodal.serving import RetrievalEngine
     from crossmodal.store import MetadataStore
 
     engine = RetrievalEngine.load(run)

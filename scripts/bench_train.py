@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from crossmodal.config import load_config
+from crossmodal.data import open_dataset
 from crossmodal.io import write_json_atomic
-from crossmodal.pipeline import open_dataset, train_run
+from crossmodal.jobs.train import train_run
 
 
 def one_run(config: str, cache: Path, runs: Path, name: str, overrides: list[str]) -> dict:

@@ -20,8 +20,8 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(workdir) -> Path:
     """A trained and indexed tiny run folder (shared by the engine, eval and app tests)."""
-    from crossmodal.indexing import index_run
-    from crossmodal.pipeline import train_run
+    from crossmodal.jobs.index import index_run
+    from crossmodal.jobs.train import train_run
 
     run_dir = train_run(tiny_config(workdir), progress=False)
     index_run(run_dir, progress=False)

@@ -18,10 +18,10 @@ ENDPOINTS = {"/text_to_images", "/image_to_captions", "/image_to_images", "/text
 
 
 def load_app_module():
-    """``app.py`` lives at the repository root, outside the package."""
+    """The app module of the package (``app.py`` at the root only launches it)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    return importlib.import_module("app")
+    return importlib.import_module("crossmodal.app")
 
 
 def free_port() -> int:
@@ -40,7 +40,7 @@ def served(app_module, tiny_run):
     """The app on the tiny run, on a free loopback port, with a client; closed at the end."""
     from gradio_client import Client
 
-    from crossmodal.engine import RetrievalEngine
+    from crossmodal.serving import RetrievalEngine
 
     engine = RetrievalEngine.load(tiny_run)
     demo, url = app_module.serve(engine, host="127.0.0.1", port=free_port(), prevent_thread_lock=True)
@@ -172,23 +172,35 @@ def test_only_run_files_are_served(served, tmp_path):
 
 def test_allowed_roots_and_examples(app_module, served):
     _, engine, _ = served
-    assert app_module.allowed_roots(engine) == [(Path(engine.run_dir) / "images").resolve()]
+    assert engine.image_roots() == [(Path(engine.run_dir) / "images").resolve()]
     queries = app_module.example_queries(engine)
     assert 0 < len(queries) <= app_module.N_EXAMPLES and "cat" not in queries
     assert set(queries) <= set(engine.store.get_meta("label_names")) | {"a red square"}, queries
-    images = app_module.example_images(engine, app_module.allowed_roots(engine))
+    images = app_module.example_images(engine, engine.image_roots())
     assert images and all(Path(p).is_file() for p in images)
 
 
-def test_map_table_from_metrics_json(app_module, tmp_path):
-    path = tmp_path / "metrics.json"
+def test_map_table_from_the_runs_metrics(app_module, tiny_run, tmp_path):
+    from crossmodal.serving import RetrievalEngine
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("images", "checkpoint"))
+    engine = RetrievalEngine.load(run)
     metrics = {"hash": {"i2t": {"map": 0.71234, "p@100": 0.5}, "t2i": {"map": 0.65, "p@100": 0.4}}}
-    path.write_text(json.dumps(metrics))
-    table = app_module.map_table(path)
+    table = app_module.map_table(metrics)
     assert "| hash | 0.7123 | 0.6500 |" in table and "i2t mAP" in table
-    assert app_module.map_table(tmp_path / "absent.json") == ""
+    assert app_module.map_table(None) == ""
+    path = run / "eval" / "metrics.json"  # the engine reads it; a malformed one is no table, not an error
+    path.parent.mkdir(exist_ok=True)
     path.write_text("[1, 2]")
-    assert app_module.map_table(path) == ""
+    assert engine.metrics() is None
+    path.write_text(json.dumps({"hash": {"i2t": 0.5}}))
+    assert engine.metrics() is None
+    path.write_text(json.dumps(metrics))
+    assert engine.metrics() == metrics
+    path.unlink()
+    assert engine.metrics() is None
+    engine.close()
 
 
 def test_main_refuses_a_missing_run(app_module, tmp_path, capsys):

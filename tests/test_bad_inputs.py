@@ -23,14 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from crossmodal.config import ConfigError, load_config
 from crossmodal.data import create_dataset
-from crossmodal.engine import RetrievalEngine, SearchResult
 from crossmodal.images import ImageDecodeError, open_image
-from crossmodal.run import RunError
+from crossmodal.runs.folder import RunError
+from crossmodal.serving import RetrievalEngine, SearchResult
 from crossmodal.text import QueryError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,7 +183,7 @@ def engine(tiny_run):
 def app_module():
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    return importlib.import_module("app")
+    return importlib.import_module("crossmodal.app")
 
 
 # -- images ----------------------------------------------------------------------------------------
@@ -316,7 +315,7 @@ def test_usable_text_answers_like_its_known_words(query, engine, app_module):
     result = engine.search_text(query, k=10)
     assert [h.item_id for h in result.hits] == reference
     assert all("red" in h.labels for h in result.hits[:5])
-    assert app_module.ignored_words(engine, query) == (["zebra"] if "zebra" in query else [])
+    assert engine.ignored_words(query) == (["zebra"] if "zebra" in query else [])
 
 
 @pytest.mark.parametrize("k", [0, -3, 2.5, "5", True, None])
@@ -354,12 +353,6 @@ def _edit_json(path: Path, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
-def _edit_config(run: Path, section: str, **changes) -> None:
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    cfg[section].update(changes)
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-
-
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
@@ -395,17 +388,18 @@ def _foreign_weights(run: Path) -> None:
 RUN_CASES = {
     "other_format_version": (lambda r: _edit_json(r / "manifest.json", format_version=999), "run format 999"),
     "manifest_other_bits": (lambda r: _edit_json(r / "manifest.json", bits=32), "16 bits, manifest.json 32"),
-    "config_other_bits": (lambda r: _edit_config(r, "model", bits=32), "config.yaml says 32 bits"),
+    "spec_other_bits": (lambda r: _edit_json(r / "model.json", bits=32), "model.json says 32 bits"),
     "index_other_bits": (_other_code_length_index, "holds 32-bit codes, expected 16 bits"),
-    "config_other_text_tower": (
-        lambda r: _edit_config(r, "model", text_tower="textcnn"),
-        "config.yaml names the text tower 'textcnn' but the run was trained with 'bow_mlp'",
+    "spec_other_text_tower": (
+        lambda r: _edit_json(r / "model.json", text_tower={"name": "textcnn", "options": {}}),
+        "model.safetensors does not fit the model in model.json",
     ),
-    "config_other_image_tower": (
-        lambda r: _edit_config(r, "model", image_tower="cnnf"),
-        "names the image tower 'cnnf' but the run was trained with 'tiny_pool'",
+    "spec_unknown_image_tower": (
+        lambda r: _edit_json(r / "model.json", image_tower={"name": "nonesuch"}),
+        "model.json names a model this crossmodal cannot build: unknown image tower 'nonesuch'",
     ),
-    "weights_of_another_model": (_foreign_weights, "model.safetensors does not fit the model in config.yaml"),
+    "spec_corrupt": (lambda r: (r / "model.json").write_text("{"), "model.json is unreadable"),
+    "weights_of_another_model": (_foreign_weights, "model.safetensors does not fit the model in model.json"),
     "zero_byte_index": (lambda r: (r / "text.index").write_bytes(b""), "text.index is empty (0 bytes)"),
     "truncated_index": (lambda r: _truncate(r / "image.index"), "truncated or overwritten"),
     "truncated_index_no_sidecar": (

@@ -29,7 +29,7 @@ def chromium_path() -> str:
 
 @pytest.fixture(scope="module")
 def app_url(tiny_run):
-    from crossmodal.engine import RetrievalEngine
+    from crossmodal.serving import RetrievalEngine
 
     engine = RetrievalEngine.load(tiny_run)
     demo, url = load_app_module().serve(engine, port=free_port(), prevent_thread_lock=True)

@@ -6,10 +6,10 @@ import json
 
 from tinyrun import tiny_config
 
-from crossmodal.engine import RetrievalEngine
-from crossmodal.eval_run import eval_run
-from crossmodal.indexing import index_run
-from crossmodal.pipeline import train_run
+from crossmodal.jobs.eval import eval_run
+from crossmodal.jobs.index import index_run
+from crossmodal.jobs.train import train_run
+from crossmodal.serving import RetrievalEngine
 
 
 def test_captions_only_run_trains_indexes_and_evaluates(workdir):

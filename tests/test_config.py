@@ -1,10 +1,21 @@
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
+import yaml
 
-from crossmodal.config import Config, ConfigError, load_config
+from crossmodal.config import (
+    SPLIT_SIZE_KEYS,
+    Config,
+    ConfigError,
+    load_config,
+    settings_differences,
+    training_settings,
+)
+from crossmodal.data import DATASETS, list_datasets
+from crossmodal.data.mat import load_mat_dataset
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
 
@@ -56,3 +67,56 @@ def test_every_shipped_recipe_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
     assert cfg.name == path.stem
+
+
+# -- recipes are self-contained; Config() is the default recipe ------------------------------
+
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "openmoji.yaml"
+# Owned by the dataset or loss a config names: empty means that builder's or loss's own defaults.
+NAMED_PART_OPTIONS = {"data.options", "loss.params"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_recipe_states_every_training_setting(path):
+    """A default in config.py can then change without changing any recipe's results."""
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    missing = [
+        f"{section}.{key}"
+        for section, settings in training_settings(Config()).items()
+        for key in settings
+        if key not in (raw.get(section) or {})
+    ]
+    assert not missing, f"{path.name} leaves these to the defaults: {', '.join(missing)}"
+
+
+def test_default_config_is_the_default_recipe():
+    recipe = training_settings(load_config(DEFAULT_RECIPE))
+    assert set(settings_differences(training_settings(Config()), recipe)) == NAMED_PART_OPTIONS
+    assert Config().data.name == recipe["data"]["name"] and Config().loss.name == recipe["loss"]["name"]
+
+
+def test_default_recipe_data_options_are_the_builders_defaults():
+    """So Config()'s empty data.options build the same dataset as the recipe's."""
+    builder = inspect.signature(DATASETS.get(Config().data.name)).parameters
+    options = load_config(DEFAULT_RECIPE).data.options
+    assert options and {k: builder[k].default for k in options} == options
+
+
+@pytest.mark.parametrize("key", SPLIT_SIZE_KEYS)
+def test_split_sizes_only_under_data(key, tmp_path):
+    with pytest.raises(ConfigError, match=rf"data\.options\.{key}: set split sizes with data\.{key}"):
+        load_config(None, [f"data.options.{key}=5"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data:\n  name: openmoji\n  options: {{size: 128, {key}: 5}}\n")
+    with pytest.raises(ConfigError, match=rf"data\.options\.{key}"):
+        load_config(recipe)
+    assert getattr(load_config(None, [f"data.{key}=5"]).data, key) == 5
+
+
+# the .mat builders pass their options on to load_mat_dataset
+BUILDERS = {**{name: DATASETS.get(name) for name in list_datasets()}, "load_mat_dataset": load_mat_dataset}
+
+
+@pytest.mark.parametrize("builder", BUILDERS.values(), ids=BUILDERS.keys())
+def test_builders_take_no_split_sizes(builder):
+    assert not set(inspect.signature(builder).parameters) & set(SPLIT_SIZE_KEYS)

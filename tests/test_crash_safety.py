@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crossmodal.engine import RetrievalEngine
-from crossmodal.indexing import add_to_run, index_run
 from crossmodal.io import atomic_dir, atomic_path
-from crossmodal.run import JOURNAL, STAGING_PREFIX, RunError, RunUpdate, recover_run
+from crossmodal.jobs.index import add_to_run, index_run
+from crossmodal.runs.folder import JOURNAL, STAGING_PREFIX, RunError, RunUpdate, recover_run
+from crossmodal.serving import RetrievalEngine
 
 TESTS = Path(__file__).resolve().parent
 RUN_FILES = (
@@ -67,14 +67,14 @@ CHILD = textwrap.dedent(
 
     os.replace, os.unlink = replace, unlink
     if job == "add":
-        from crossmodal.indexing import add_to_run
+        from crossmodal.jobs.index import add_to_run
         add_to_run(run_dir, sys.argv[4], progress=False)
     elif job == "index":
-        from crossmodal.indexing import index_run
+        from crossmodal.jobs.index import index_run
         index_run(run_dir, kind=sys.argv[4], progress=False)
     elif job == "dataset":
         import datasets
-        from crossmodal.pipeline import open_dataset
+        from crossmodal.data import open_dataset
         real_save = datasets.Dataset.save_to_disk
         def save_then_die(self, *a, **kw):
             real_save(self, *a, **kw)
@@ -169,9 +169,9 @@ def test_run_update_error_in_the_body_changes_nothing(tiny_run, tmp_path):
         update.path("store.sqlite").write_bytes(b"half")
         raise RuntimeError("disk full")
     assert file_bytes(run) == before and leftovers(run) == []
-    with pytest.raises(ValueError, match="not a plain run file name"), RunUpdate(run) as update:
+    with pytest.raises(ValueError, match="is not a run file name"), RunUpdate(run) as update:
         update.path("../escape")
-    with pytest.raises(ValueError, match="not a plain run file name"), RunUpdate(run) as update:
+    with pytest.raises(ValueError, match="is not a run file name"), RunUpdate(run) as update:
         update.path("manifest.json")
 
 
@@ -283,7 +283,7 @@ def test_add_killed_by_the_test_once_writing_started(tiny_run, tmp_path):
 # -- killed dataset builds ----------------------------------------------------------------------------
 @pytest.mark.parametrize("kill", ["after_arrow_written", "after_old_moved_aside"])
 def test_killed_dataset_build_leaves_nothing_that_looks_complete(kill, tmp_path, monkeypatch):
-    from crossmodal.pipeline import open_dataset
+    from crossmodal.data import open_dataset
 
     folder = image_folder(tmp_path / "imgs", 12)
     data_dir = tmp_path / "data"

@@ -331,3 +331,11 @@ def test_hub_json_with_path_column_int_labels_and_a_broken_image(tmp_path, caplo
     assert ds.captions(1) == ["caption 1"]
     check_pixels(ds, 1, "blue")
     assert ds.info.stats["failed_images"] == ["k2"] and "k2" in caplog.text
+
+
+def test_an_option_the_builder_does_not_take_is_named(tmp_path):
+    from crossmodal.cli import main
+
+    with pytest.raises(ValueError, match=r"does not take the option\(s\) n_query; its options: root"):
+        create_dataset("imagefolder", root=str(tmp_path), n_query=5)
+    assert main(["data-info", "imagefolder", "--root", str(tmp_path), "-o", "n_query=5"]) == 2

@@ -103,10 +103,10 @@ def test_v5_file_with_tall_key(tmp_path):
     arrays = make_arrays(seed=1)
     arrays["TAll"] = arrays.pop("YAll")
     path = write_v5(tmp_path / "nus-wide.mat", arrays)
-    ds = create_dataset("nuswide", root=path, n_query=5, n_train=20, cache_dir=str(tmp_path / "c"))
+    ds = create_dataset("nuswide", root=path, cache_dir=str(tmp_path / "c"))
     check_roundtrip(ds, arrays, text_key="TAll")
-    assert ds.info.protocol == {"n_query": 5, "n_train": 20}
-    splits = make_splits(ds, seed=3)
+    assert ds.info.protocol == {"n_query": 6, "n_train": 24}  # NUS-WIDE's 2100 / 10500, shrunk to fit
+    splits = make_splits(ds, n_query=5, n_train=20, seed=3)
     assert (len(splits.query), len(splits.train) + len(splits.val)) == (5, 20)
 
 
@@ -226,7 +226,7 @@ def test_default_protocols():
     assert (SPECS["mirflickr25k"].n_query, SPECS["mirflickr25k"].n_train) == (2000, 10000)
     assert (SPECS["nuswide"].n_query, SPECS["nuswide"].n_train) == (2100, 10500)
     assert (SPECS["iaprtc12"].n_query, SPECS["iaprtc12"].n_train) == (2000, 10000)
-    assert fit_protocol(20015, None, None, 2000, 10000) == {"n_query": 2000, "n_train": 10000}
+    assert fit_protocol(20015, 2000, 10000) == {"n_query": 2000, "n_train": 10000}
 
 
 def test_float_scale_is_judged_per_chunk():

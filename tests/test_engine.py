@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from crossmodal.cli import main
-from crossmodal.engine import RetrievalEngine
+from crossmodal.data import open_dataset
 from crossmodal.images import ImageDecodeError
-from crossmodal.pipeline import open_dataset, split_indices
-from crossmodal.run import RunError
+from crossmodal.runs.encode import open_run_data
+from crossmodal.runs.folder import RunError
+from crossmodal.serving import RetrievalEngine
 from crossmodal.text import QueryError
 
 
@@ -22,7 +23,7 @@ def engine(tiny_run):
 
 def test_all_four_directions_answer(engine, tiny_run):
     dataset = open_dataset("tiny_colours")
-    db = split_indices(tiny_run, dataset)["database"]
+    db = open_run_data(tiny_run).splits["database"]
     img = dataset.load_image(int(db[0]))
     for result, text_hits in (
         (engine.search_text("red", 5), False),
@@ -48,7 +49,7 @@ def test_text_query_finds_items_of_that_colour(engine):
 
 def test_own_caption_ranks_own_image_near_the_top(engine, tiny_run):
     dataset = open_dataset("tiny_colours")
-    db = split_indices(tiny_run, dataset)["database"]
+    db = open_run_data(tiny_run).splits["database"]
     ranks = []
     for i in db[:12]:
         caption = dataset.captions(int(i))[0]
@@ -61,7 +62,7 @@ def test_own_caption_ranks_own_image_near_the_top(engine, tiny_run):
 
 def test_image_query_returns_captions_of_its_colour(engine, tiny_run):
     dataset = open_dataset("tiny_colours")
-    db = split_indices(tiny_run, dataset)["database"]
+    db = open_run_data(tiny_run).splits["database"]
     i = int(db[3])
     colour = dataset.captions(i)[1]
     result = engine.search_image(dataset.load_image(i), 5)
@@ -127,8 +128,8 @@ def test_a_run_with_bit_weights_ranks_by_weighted_hamming(workdir):
     from tinyrun import tiny_config
 
     from crossmodal.codes import unpack_codes, weighted_hamming
-    from crossmodal.indexing import index_run
-    from crossmodal.pipeline import train_run
+    from crossmodal.jobs.index import index_run
+    from crossmodal.jobs.train import train_run
 
     run = train_run(
         tiny_config(workdir, "name=tiny_drsch", "loss.name=drsch", "train.epochs=4"), progress=False

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from crossmodal.data import open_dataset
 from crossmodal.features import ModalityInputs, extract_features, text_variants
 from crossmodal.models.text import create_text_tower
-from crossmodal.pipeline import open_dataset
 
 
 def test_text_variants_put_the_joined_text_first(workdir):

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from crossmodal.losses import LossBatch, Similarity, create_loss, list_losses, sign_pm1
+from crossmodal.codes import sign
+from crossmodal.losses import LossBatch, Similarity, create_loss, list_losses
 from crossmodal.registry import UnknownNameError
 
 
@@ -88,7 +89,7 @@ def test_b_step_is_sign_of_gamma_f_plus_g_with_plus_one_at_zero():
     G = torch.tensor([[-0.5, 0.5, 0.0, -1.0]])
     B = loss.update_codes(F, G)
     assert B.tolist() == [[1.0, -1.0, 1.0, -1.0]]
-    assert sign_pm1(torch.zeros(3)).tolist() == [1.0, 1.0, 1.0]
+    assert sign(torch.zeros(3)).tolist() == [1.0, 1.0, 1.0]
 
 
 def test_captions_only_similarity_is_the_same_item():

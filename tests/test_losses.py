@@ -12,11 +12,12 @@ from torch import nn
 from torch.nn import functional as nnf
 
 from crossmodal.baselines import fit_cca
+from crossmodal.codes import weighted_hamming
 from crossmodal.evaluate import map_at_all
 from crossmodal.losses import LossBatch, Similarity, create_loss, list_losses
 from crossmodal.losses.base import sample_columns, sample_triplets
 from crossmodal.losses.cnnh import target_codes
-from crossmodal.losses.drsch import top_bits, truncate_codes, weighted_hamming
+from crossmodal.losses.drsch import top_bits, truncate_codes
 from crossmodal.models.hasher import DivideAndEncode, TwoTowerHasher, piecewise_threshold
 
 LOSSES = list_losses()
@@ -481,19 +482,28 @@ def test_lsh_needs_frozen_features_and_linear_heads():
         loss.init_heads(mlp, {"image": xi, "text": xt})
 
 
-# -- through the real pipeline: losses with parameters are saved and rebuilt from shapes ----------
+# -- through the real pipeline: the saved model owns its activation and bit weights ---------------
 @pytest.mark.parametrize("name", ["dlbhc", "drsch"])
-def test_loss_parameters_survive_a_run_round_trip(workdir, name):
+def test_a_saved_model_encodes_like_the_trained_one_without_its_loss(workdir, name):
+    import json
+
     from safetensors.torch import load_file
     from tinyrun import tiny_config
 
-    from crossmodal.pipeline import load_model, train_run
+    from crossmodal.jobs.train import train_run
+    from crossmodal.runs.model import load_model
 
     run = train_run(tiny_config(workdir, f"name=loss_{name}", f"loss.name={name}", "train.epochs=2"),
                     progress=False)
-    saved = {k[5:]: v for k, v in load_file(str(run / "model.safetensors")).items() if k.startswith("loss.")}
-    assert saved, "the loss's parameters are saved with the model"
-    model, loss = load_model(run)
-    assert model.activation == loss.activation
-    for key, value in loss.state_dict().items():
-        assert torch.equal(value, saved[key]), key
+    saved = load_file(str(run / "model.safetensors"))
+    assert not any(k.startswith("loss.") for k in saved)  # the loss's training state is not the model's
+    spec = json.loads((run / "model.json").read_text())
+    assert spec["activation"] == create_loss(name).activation
+    model = load_model(run)
+    assert model.activation == spec["activation"]
+    if name == "drsch":  # learned per-bit weights travel with the model: positive, mean 1
+        assert spec["bit_weights"] and model.bit_weights is not None
+        assert torch.equal(model.bit_weights, saved["bit_weights"])
+        assert (model.bit_weights > 0).all() and float(model.bit_weights.mean()) == pytest.approx(1.0)
+    else:
+        assert not spec["bit_weights"] and model.bit_weights is None

@@ -11,9 +11,9 @@ from PIL import Image
 from tinyrun import TINY_OVERRIDES
 
 from crossmodal.images import ImageDecodeError
-from crossmodal.indexing import THUMB_SIDE, thumbnail_bytes
-from crossmodal.prepare import prepare_run
-from crossmodal.run import RunError
+from crossmodal.jobs.index import THUMB_SIDE, thumbnail_bytes
+from crossmodal.jobs.prepare import prepare_run
+from crossmodal.runs.folder import RunError
 
 
 def overrides(workdir, name):
@@ -47,13 +47,31 @@ def test_prepare_runs_every_step_then_skips_them(workdir):
     assert "skipped" in note and "train.lr" in note and "delete it to retrain" in note
 
 
-def test_prepare_refuses_a_run_of_another_version(workdir):
-    run = prepare_run(None, overrides(workdir, "prep_old"), progress=False, say=lambda s: None)
+def set_format(run, version) -> None:
     manifest = json.loads((run / "manifest.json").read_text())
-    manifest["format_version"] = -1
+    manifest["format_version"] = version
     (run / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(RunError, match="run format -1"):
-        prepare_run(None, overrides(workdir, "prep_old"), progress=False, say=lambda s: None)
+
+
+def test_runs_of_another_format_are_refused_and_prepare_retrains_older_ones(workdir, capsys):
+    from crossmodal import RUN_FORMAT_VERSION
+    from crossmodal.cli import main
+
+    recipe = overrides(workdir, "prep_old")
+    run = prepare_run(None, recipe, progress=False, say=lambda s: None)
+    set_format(run, RUN_FORMAT_VERSION + 1)  # a newer crossmodal's run: never written over
+    with pytest.raises(RunError, match=f"run format {RUN_FORMAT_VERSION + 1}"):
+        prepare_run(None, recipe, progress=False, say=lambda s: None)
+    set_format(run, RUN_FORMAT_VERSION - 1)  # an older one (format 1: the model needed its loss to load)
+    assert main(["search", "--run", str(run), "--text", "red"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"run format {RUN_FORMAT_VERSION - 1}" in err
+    assert err.endswith(f"re-train it with: crossmodal train --config {run / 'config.yaml'}")
+    said: list[str] = []
+    prepare_run(None, recipe, progress=False, say=said.append)
+    assert "retraining it" in next(s for s in said if s.startswith("[2/4]"))
+    assert json.loads((run / "manifest.json").read_text())["format_version"] == RUN_FORMAT_VERSION
+    assert main(["search", "--run", str(run), "--text", "red"]) == 0
 
 
 def test_prepare_command_line(workdir, capsys):
@@ -103,19 +121,19 @@ class Interrupt(Exception):
 
 def interrupt_at_epoch(monkeypatch, epoch: int) -> list[int]:
     """Make training raise at the start of ``epoch`` (0-based); returns the epochs run."""
-    from crossmodal.train import Trainer
+    from crossmodal.fit import _Step
 
-    original = Trainer.run_modality
+    original = _Step.run
     seen: list[int] = []
 
-    def run_modality(self, m, e, *args):
+    def run(self, m, e, *args):
         if e == epoch:
             raise Interrupt
         if m == "image":
             seen.append(e)
         return original(self, m, e, *args)
 
-    monkeypatch.setattr(Trainer, "run_modality", run_modality)
+    monkeypatch.setattr(_Step, "run", run)
     return seen
 
 
@@ -141,7 +159,7 @@ def test_an_interrupted_training_resumes_from_its_checkpoint(workdir, monkeypatc
 
 def test_a_checkpoint_of_another_recipe_is_not_resumed(workdir, monkeypatch):
     from crossmodal.config import load_config
-    from crossmodal.pipeline import train_run
+    from crossmodal.jobs.train import train_run
 
     recipe = [*overrides(workdir, "prep_other"), *RESUMABLE]
     with monkeypatch.context() as m:
@@ -166,7 +184,7 @@ def test_a_checkpoint_of_another_recipe_is_not_resumed(workdir, monkeypatch):
 
 
 def test_an_incomplete_checkpoint_is_not_resumed(workdir, monkeypatch):
-    from crossmodal.train import checkpoint_state
+    from crossmodal.jobs.train import checkpoint_state
 
     recipe = [*overrides(workdir, "prep_torn"), *RESUMABLE]
     with monkeypatch.context() as m:
@@ -186,14 +204,14 @@ def test_an_incomplete_checkpoint_is_not_resumed(workdir, monkeypatch):
 
 
 def test_an_interrupted_retraining_leaves_an_untrained_run(workdir, monkeypatch):
-    from crossmodal.engine import RetrievalEngine
-    from crossmodal.prepare import is_trained
+    from crossmodal.jobs.prepare import is_trained
+    from crossmodal.serving import RetrievalEngine
 
     recipe = overrides(workdir, "prep_retrain")
     run = prepare_run(None, recipe, progress=False, say=lambda s: None)
     assert is_trained(run)
     from crossmodal.config import load_config
-    from crossmodal.pipeline import train_run
+    from crossmodal.jobs.train import train_run
 
     with monkeypatch.context() as m:
         interrupt_at_epoch(m, 1)
@@ -214,3 +232,48 @@ def test_a_recipe_with_another_index_kind_is_reindexed(workdir):
     assert "skipped" not in step and "(hnsw)" in step
     assert "skipped" in next(s for s in said if s.startswith("[2/4]"))  # no retraining for it
     assert json.loads((run / "manifest.json").read_text())["index"]["kind"] == "hnsw"
+
+
+def unlist_model(run) -> None:
+    """The state a retraining left before its fix: the manifest no longer lists the weights,
+    but the file is still on disk."""
+    manifest = json.loads((run / "manifest.json").read_text())
+    del manifest["files"]["model.safetensors"]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_every_is_it_done_check_agrees_on_an_unlisted_model(workdir, tmp_path, capsys):
+    import yaml
+
+    from crossmodal.cli import main
+    from crossmodal.config import load_config
+    from crossmodal.jobs.grid import run_cell
+    from crossmodal.runs.folder import invalidate_products
+    from crossmodal.runs.state import is_evaluated, is_indexed, is_trained
+
+    recipe = tmp_path / "unlisted.yaml"
+    recipe.write_text(yaml.safe_dump(load_config(None, overrides(workdir, "unlisted")).to_dict()))
+    run = prepare_run(recipe, progress=False, say=lambda s: None)
+    assert is_trained(run) and is_indexed(run) and is_evaluated(run)
+    unlist_model(run)
+    assert (run / "model.safetensors").exists()
+    assert not is_trained(run) and not is_indexed(run) and not is_evaluated(run)
+    assert main(["train", "--config", str(recipe), "--if-missing"]) == 0  # trains: not "already trained"
+    assert "trained run:" in capsys.readouterr().out and is_trained(run)
+    assert main(["index", "--run", str(run), "--if-missing"]) == 0
+    assert "indexed" in capsys.readouterr().out and is_indexed(run)
+
+    # the grid: a cell whose model is unlisted is trained again, then evaluated (it used to
+    # skip training and fail in eval)
+    out = tmp_path / "grid"
+    cell = run_cell(str(recipe), "dcmh", 16, out, [])
+    cell_run = out / "runs" / "unlisted-dcmh-16"
+    unlist_model(cell_run)
+    again = run_cell(str(recipe), "dcmh", 16, out, [])
+    assert again["metrics"]["i2t"]["map"] == pytest.approx(cell["metrics"]["i2t"]["map"])
+    assert is_trained(cell_run)
+
+    # invalidating a trained run: the manifest first, then the files; every check agrees
+    invalidate_products(run, model=True)
+    assert not (run / "model.safetensors").exists() and not (run / "image.index").exists()
+    assert not is_trained(run) and (run / "config.yaml").exists() and (run / "splits.json").exists()

@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 from tinyrun import tiny_config
 
-from crossmodal.engine import RetrievalEngine
-from crossmodal.run import RunError
+from crossmodal.runs.folder import RunError
+from crossmodal.serving import RetrievalEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted([*(ROOT / "crossmodal").rglob("*.py"), ROOT / "app.py", *(ROOT / "scripts").glob("*.py")])
@@ -125,7 +125,7 @@ def test_weights_are_written_as_safetensors_only():
 # -- planted pickles -------------------------------------------------------------------------------
 @pytest.mark.parametrize("form", ["raw_pickle", "torch_zip"])
 def test_pickled_image_weights_are_refused(form, tmp_path, workdir):
-    from crossmodal.pipeline import build_model
+    from crossmodal.runs.model import build_model
 
     marker = tmp_path / "PWNED"
     weights = tmp_path / "resnet18.pth"
@@ -156,7 +156,7 @@ def copy_run(tiny_run: Path, tmp_path: Path) -> Path:
         ("text.index.json", "unreadable index sidecar"),
         ("store.sqlite", "store.sqlite is not a crossmodal metadata store"),
         ("vocab.json", "cannot read the text tower's files ['vocab.json']"),
-        ("config.yaml", "config.yaml is not valid YAML"),
+        ("model.json", "model.json is unreadable"),
     ],
 )
 def test_pickles_planted_in_a_run_folder_are_refused(name, message, tiny_run, tmp_path):
@@ -168,6 +168,18 @@ def test_pickles_planted_in_a_run_folder_are_refused(name, message, tiny_run, tm
     with pytest.raises((RunError, ConfigError)) as err:
         RetrievalEngine.load(run)
     assert message in str(err.value) and str(run) in str(err.value)
+    assert not marker.exists()
+
+
+def test_a_pickle_planted_as_config_yaml_is_refused(tiny_run, tmp_path):
+    from crossmodal.config import ConfigError
+    from crossmodal.runs.folder import load_run_config
+
+    run = copy_run(tiny_run, tmp_path)
+    marker = tmp_path / "PWNED"
+    (run / "config.yaml").write_bytes(planted_pickle(marker))
+    with pytest.raises(ConfigError, match="config.yaml is not valid YAML"):
+        load_run_config(run)
     assert not marker.exists()
 
 
@@ -195,7 +207,7 @@ def test_pickled_feature_cache_is_ignored_and_recomputed(tmp_path, caplog):
 def app_module():
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    return importlib.import_module("app")
+    return importlib.import_module("crossmodal.app")
 
 
 @pytest.fixture(scope="module")

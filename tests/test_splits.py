@@ -90,9 +90,10 @@ def test_default_sizes():
     assert default_n_val(30) == 5
     assert default_n_val(4) == 2
     assert default_n_val(1) == 0
-    assert fit_protocol(100, None, None, 2000, 10000) == {"n_query": 20, "n_train": 80}
-    assert fit_protocol(100, 50, None, 2000, 10000) == {"n_query": 50, "n_train": 50}
-    assert fit_protocol(100, 5, 500) == {"n_query": 5, "n_train": 500}  # explicit sizes are kept
+    assert fit_protocol(100, 2000, 10000) == {"n_query": 20, "n_train": 80}  # shrunk to fit
+    assert fit_protocol(100, 10, 50) == {"n_query": 10, "n_train": 50}  # fits: kept
+    assert fit_protocol(100, 10, 500) == {"n_query": 10, "n_train": 90}
+    assert fit_protocol(5000) == {"n_query": 1000, "n_train": 4000}  # the fallback protocol
 
 
 def test_save_load_roundtrip(tmp_path):

@@ -9,8 +9,9 @@ from tinyrun import tiny_config
 
 from crossmodal.cli import main
 from crossmodal.config import ConfigError
-from crossmodal.pipeline import load_model, open_dataset
+from crossmodal.data import open_dataset
 from crossmodal.registry import UnknownNameError
+from crossmodal.runs.model import load_model
 
 
 def test_training_beats_random_ranking(tiny_run):
@@ -36,22 +37,22 @@ def test_run_folder_contents(tiny_run):
 
     with safe_open(str(tiny_run / "model.safetensors"), "pt") as fh:
         keys = list(fh.keys())
-    assert not any(k.startswith("model.image_tower.") for k in keys)
-    assert any(k.startswith("model.text_tower.") for k in keys)
-    assert any(k.startswith("model.image_head.") for k in keys)
+    assert not any(k.startswith("image_tower.") for k in keys)
+    assert any(k.startswith("text_tower.") for k in keys)
+    assert any(k.startswith("image_head.") for k in keys)
 
 
 def test_reloaded_model_gives_the_same_codes(tiny_run):
-    model, _ = load_model(tiny_run)
+    model = load_model(tiny_run)
     batch = model.text_tower.tokenize(["a red square", "blue"])
     codes = model.encode_text(batch, binarize=True)
-    again, _ = load_model(tiny_run)
+    again = load_model(tiny_run)
     assert torch.equal(codes, again.encode_text(batch, binarize=True))
     assert set(codes.unique().tolist()) <= {-1.0, 1.0}
 
 
 def test_training_is_deterministic_and_resumes(workdir):
-    from crossmodal.pipeline import train_run
+    from crossmodal.jobs.train import train_run
 
     a = train_run(tiny_config(workdir, "name=det_a", "train.epochs=4"), progress=False)
     b = train_run(tiny_config(workdir, "name=det_b", "train.epochs=4"), progress=False)
@@ -76,7 +77,7 @@ def test_training_is_deterministic_and_resumes(workdir):
     ],
 )
 def test_unknown_names_fail_before_any_work(workdir, override, error, needle):
-    from crossmodal.pipeline import train_run
+    from crossmodal.jobs.train import train_run
 
     cfg = tiny_config(workdir, "name=never", override)
     with pytest.raises(error) as err:
@@ -95,9 +96,9 @@ def test_cli_refuses_bad_code_length(capsys):
 def test_retraining_an_indexed_run_removes_its_stale_indexes(tiny_run, workdir, tmp_path):
     import shutil
 
-    from crossmodal.engine import RetrievalEngine
-    from crossmodal.pipeline import train_run
-    from crossmodal.run import RunError
+    from crossmodal.jobs.train import train_run
+    from crossmodal.runs.folder import RunError
+    from crossmodal.serving import RetrievalEngine
 
     shutil.copytree(tiny_run, tmp_path / "tiny")
     assert (tmp_path / "tiny" / "image.index").exists() and any((tmp_path / "tiny" / "images").iterdir())

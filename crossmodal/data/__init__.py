@@ -7,6 +7,12 @@ that the registry is complete once ``crossmodal.data`` is imported.
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import inspect
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 from crossmodal.data.records import (
@@ -25,16 +31,64 @@ DATA_README = "data/README.md"
 
 
 def create_dataset(name: str, **options: Any) -> CrossModalDataset:
-    """Build or load the dataset registered as ``name`` with builder ``options``."""
-    return DATASETS.create(name, **options)
+    """Build or load the dataset registered as ``name`` with builder ``options``.
+
+    Raises:
+        UnknownNameError: ``name`` is not registered (the message lists the valid names).
+        ValueError: an option the builder does not take (the message lists those it takes).
+    """
+    factory = DATASETS.get(name)
+    try:
+        inspect.signature(factory).bind(**options)
+    except TypeError:
+        params = [p for p in inspect.signature(factory).parameters if p not in ("self", "args", "kwargs")]
+        unknown = sorted(set(options) - set(params))
+        raise ValueError(
+            f"dataset {name!r} does not take the option(s) {', '.join(unknown) or '(as given)'}; "
+            f"its options: {', '.join(params) or 'none'}"
+        ) from None
+    return factory(**options)
 
 
 def list_datasets() -> list[str]:
     return DATASETS.names()
 
 
+# Builders that keep their own on-disk cache; the others are cached by ``open_dataset``.
+SELF_CACHING = {"openmoji"}
+
+
+def data_dir() -> Path:
+    """Where built datasets are cached: ``$CROSSMODAL_DATA_DIR``, default ``data/built``."""
+    return Path(os.environ.get("CROSSMODAL_DATA_DIR", "data/built"))
+
+
+def open_dataset(name: str, options: dict[str, Any] | None = None) -> CrossModalDataset:
+    """Create dataset ``name``; builds of file-backed datasets are cached under ``data_dir()``.
+
+    The cache key holds the options and the modification time of ``root``, so a dataset
+    whose files changed is rebuilt; ``force=True`` rebuilds regardless.
+
+    Raises:
+        UnknownNameError: ``name`` is not a registered dataset.
+        FileNotFoundError, ValueError: the builder's own errors (missing files, bad options).
+    """
+    options = dict(options or {})
+    if name in SELF_CACHING:
+        return create_dataset(name, **options)
+    force = bool(options.pop("force", False))
+    root = options.get("root")
+    stamp = os.stat(root).st_mtime_ns if root and os.path.exists(root) else None
+    blob = json.dumps({"name": name, "stamp": stamp, **options}, sort_keys=True, default=str)
+    path = data_dir() / f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    if (path / "info.json").exists() and not force:
+        return CrossModalDataset.load(path)
+    dataset = create_dataset(name, **options)
+    dataset.save(path)
+    return CrossModalDataset.load(path)
+
+
 def _import_builders() -> None:
-    import importlib
 
     for module in ("openmoji", "mat", "captions"):
         try:
@@ -54,5 +108,6 @@ __all__ = [
     "create_dataset",
     "list_datasets",
     "make_record",
+    "open_dataset",
     "register_dataset",
 ]

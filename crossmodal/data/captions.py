@@ -202,8 +202,6 @@ class PathBuild:
     default_query: int
     default_train: int
     source: dict[str, Any]
-    n_query: int | None = None
-    n_train: int | None = None
     check_images: str = "header"
     limit: int | None = None
     cache_dir: str | None = None
@@ -252,9 +250,7 @@ def _finish(rows: list, build: PathBuild, problems: Problems) -> CrossModalDatas
     stats["n_failed_images"] = len(problems.failed_ids)
     stats["failed_images"] = problems.failed_ids
     ds.info.stats = stats
-    ds.info.protocol = fit_protocol(
-        len(ds), build.n_query, build.n_train, build.default_query, build.default_train, build.name
-    )
+    ds.info.protocol = fit_protocol(len(ds), build.default_query, build.default_train, build.name)
     return ds
 
 
@@ -370,13 +366,15 @@ def load_imagefolder(
     labels_column: str = "labels",
     label_separator: str | None = None,
     check_images: str = "header",
-    n_query: int | None = None,
-    n_train: int | None = None,
     limit: int | None = None,
     cache_dir: str | None = None,
     name: str = "imagefolder",
 ) -> CrossModalDataset:
     """A folder of images with ``metadata.jsonl`` or ``metadata.csv`` (Hugging Face imagefolder layout).
+
+    The default protocol is a fifth of the items as queries (at most 1,000) and the rest
+    for training (at most 10,000); a run sets other split sizes with ``data.n_query``,
+    ``data.n_train``, ``data.n_val``, not with builder options.
 
     Args:
         root: the folder; ``file_name`` values are relative to it and may not leave it.
@@ -388,8 +386,6 @@ def load_imagefolder(
             present, relevance is "labels" over the sorted label set, else "image".
         label_separator: separator of label strings (default: any of , ; |).
         check_images: "header" (open and verify, fast), "full" (decode) or "none".
-        n_query: default query count for ``make_splits`` (default: a fifth of the items, at most 1,000).
-        n_train: default training count (default: the rest, at most 10,000).
         limit: keep only the first ``limit`` images.
         cache_dir: where ``datasets`` keeps the Arrow files.
         name: the dataset name recorded in ``info``.
@@ -418,8 +414,6 @@ def load_imagefolder(
         1000,
         10000,
         source,
-        n_query,
-        n_train,
         _check_mode(check_images),
         limit,
         cache_dir,
@@ -506,8 +500,6 @@ def load_coco(
     labels: bool | None = None,
     drop_unlabeled: bool = True,
     check_images: str = "header",
-    n_query: int | None = None,
-    n_train: int | None = None,
     limit: int | None = None,
     cache_dir: str | None = None,
 ) -> CrossModalDataset:
@@ -522,7 +514,7 @@ def load_coco(
         labels: use the instances file (True: required; False: relevance "image"; None:
             when the file exists).
         drop_unlabeled: skip images with no object annotation when labels are used.
-        check_images, n_query, n_train, limit, cache_dir: as ``load_imagefolder``
+        check_images, limit, cache_dir: as ``load_imagefolder``
             (default protocol 5,000 queries, 10,000 train).
     """
     folder = _require_dir(Path(root).expanduser(), "MS-COCO folder")
@@ -551,8 +543,6 @@ def load_coco(
         5000,
         10000,
         source,
-        n_query,
-        n_train,
         _check_mode(check_images),
         limit,
         cache_dir,
@@ -642,8 +632,6 @@ def load_flickr30k(
     images_dir: str | None = None,
     split: str | None = None,
     check_images: str = "header",
-    n_query: int | None = None,
-    n_train: int | None = None,
     limit: int | None = None,
     cache_dir: str | None = None,
 ) -> CrossModalDataset:
@@ -656,7 +644,7 @@ def load_flickr30k(
         images_dir: the image folder (default: root/flickr30k_images, or the nested
             root/flickr30k_images/flickr30k_images of the Kaggle archive).
         split: with the Karpathy file, keep only train, val, test or restval images.
-        check_images, n_query, n_train, limit, cache_dir: as ``load_imagefolder``
+        check_images, limit, cache_dir: as ``load_imagefolder``
             (default protocol 1,000 queries, 29,000 train).
     """
     folder = _require_dir(Path(root).expanduser(), "Flickr30k folder")
@@ -686,8 +674,6 @@ def load_flickr30k(
         1000,
         29000,
         source,
-        n_query,
-        n_train,
         _check_mode(check_images),
         limit,
         cache_dir,
@@ -711,8 +697,6 @@ def load_hub(
     labels_column: str | None = None,
     id_column: str | None = None,
     check_images: str = "header",
-    n_query: int | None = None,
-    n_train: int | None = None,
     limit: int | None = None,
     cache_dir: str | None = None,
     name: str = "hub",
@@ -732,7 +716,7 @@ def load_hub(
         labels_column: optional; class ids (``ClassLabel``, or lists of them), names, or
             lists of names. Without it relevance is "image".
         id_column: optional stable ids (default: the row number).
-        check_images, n_query, n_train, limit, cache_dir, name: as ``load_imagefolder``.
+        check_images, limit, cache_dir, name: as ``load_imagefolder`` (default protocol too).
     """
     table = _load_hub_table(root, split, builder, config, data_files, revision, cache_dir)
     for col in [image_column, text_column] + [c for c in (labels_column, id_column) if c]:
@@ -764,7 +748,7 @@ def load_hub(
     )
     fp = _fingerprint("hub", table._fingerprint, opts, label_names, check_images)
     ds = CrossModalDataset.from_records(rows, info, cache_dir, fp)
-    _hub_stats(ds, table, id_column, problems, n_query, n_train)
+    _hub_stats(ds, table, id_column, problems)
     return ds
 
 
@@ -851,9 +835,7 @@ def _listify(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _hub_stats(
-    ds: CrossModalDataset, table: Any, id_column: str | None, problems: Problems, n_query, n_train
-) -> None:
+def _hub_stats(ds: CrossModalDataset, table: Any, id_column: str | None, problems: Problems) -> None:
     n_rows = len(table)
     stats: dict[str, Any] = {"n_items": len(ds), "n_rows": n_rows}
     stats.update(problems.report())
@@ -865,4 +847,4 @@ def _hub_stats(
         all_ids = [str(v) for v in table[id_column]] if id_column else [str(i) for i in range(n_rows)]
         stats["failed_images"] = [i for i in all_ids if i not in present]
     ds.info.stats = stats
-    ds.info.protocol = fit_protocol(len(ds), n_query, n_train, 1000, 10000, ds.name)
+    ds.info.protocol = fit_protocol(len(ds), 1000, 10000, ds.name)

@@ -30,6 +30,7 @@ from PIL import Image
 
 from crossmodal.data import DATA_README, register_dataset
 from crossmodal.data.records import RELEVANCE_LABELS, CrossModalDataset, DatasetInfo, make_record
+from crossmodal.data.splits import fit_protocol
 
 logger = logging.getLogger(__name__)
 
@@ -493,8 +494,6 @@ def _source_fingerprint(files: Sequence[Path], options: dict[str, Any]) -> str:
 def load_mat_dataset(
     root: str | os.PathLike[str],
     name: str = "mirflickr25k",
-    n_query: int | None = None,
-    n_train: int | None = None,
     label_names: Sequence[str] | str | None = None,
     vocab: Sequence[str] | str | None = None,
     image_key: str | None = None,
@@ -509,9 +508,9 @@ def load_mat_dataset(
     Args:
         root: a .mat file, or a folder holding one (e.g. ``FLICKR-25K.mat``) or the three
             ``<name>-iall.mat`` / ``-yall.mat`` / ``-lall.mat`` files (subfolders allowed).
-        name: ``mirflickr25k``, ``nuswide`` or ``iaprtc12``; sets the defaults.
-        n_query: default number of queries for ``make_splits`` (protocol).
-        n_train: default number of training items for ``make_splits`` (protocol).
+        name: ``mirflickr25k``, ``nuswide`` or ``iaprtc12``; sets the defaults, the default
+            protocol (``SPECS``) among them. A run sets other split sizes with ``data.n_query``,
+            ``data.n_train``, ``data.n_val``.
         label_names: a list, a file (one name per line, or a JSON list), ``"generic"``
             for ``label_0...``, or None for the built-in names where known.
         vocab: the words of the bag-of-words columns (list or file); when given, each
@@ -553,19 +552,11 @@ def load_mat_dataset(
     gen = _row_generator(layout, n_items, max(1, chunk_size), words)
     fp = _source_fingerprint(files, {**source, "labels": info.label_names, "vocab": words})
     ds = CrossModalDataset.from_records(gen, info, cache_dir=cache_dir, fingerprint=fp)
-    _finish_info(ds, n_items, layout, spec, n_query, n_train)
+    _finish_info(ds, n_items, layout, spec)
     return ds
 
 
-def _finish_info(
-    ds: CrossModalDataset,
-    n_items: int,
-    layout: MatLayout,
-    spec: MatSpec,
-    n_query: int | None,
-    n_train: int | None,
-) -> None:
-    from crossmodal.data.splits import fit_protocol
+def _finish_info(ds: CrossModalDataset, n_items: int, layout: MatLayout, spec: MatSpec) -> None:
 
     present = set(ds.ids) if len(ds) != n_items else None
     failed = [] if present is None else [item_id(i) for i in range(n_items) if item_id(i) not in present]
@@ -583,7 +574,7 @@ def _finish_info(
         "unused_keys": list(layout.extra_keys),
         "image_shape": [layout.images.shape[a] for a in layout.image_axes],
     }
-    ds.info.protocol = fit_protocol(len(ds), n_query, n_train, spec.n_query, spec.n_train, ds.name)
+    ds.info.protocol = fit_protocol(len(ds), spec.n_query, spec.n_train, ds.name)
 
 
 def _register(name: str) -> None:

@@ -187,9 +187,26 @@ class CrossModalDataset:
     def captions(self, i: int) -> list[str]:
         return self.table[int(i)]["captions"]
 
-    def text(self, i: int) -> str:
-        """All captions of item ``i`` joined into one text."""
-        return " ; ".join(self.captions(i))
+    def captions_of(self, indices: np.ndarray | None = None) -> list[list[str]]:
+        """The captions of items ``indices`` (all items when None), in that order."""
+        if indices is None:
+            return self.table["captions"]
+        return self.table.select(np.asarray(indices).tolist())["captions"]
+
+    def ids_of(self, indices: np.ndarray | None = None) -> list[str]:
+        """The keys of items ``indices`` (all items when None), in that order."""
+        if indices is None:
+            return self.ids
+        return self.table.select(np.asarray(indices).tolist())["id"]
+
+    def image_rows(self, indices: np.ndarray) -> Iterator[dict[str, Any]]:
+        """``{"id", "image_path", "image_bytes"}`` of items ``indices``, in that order."""
+        rows = self.table.select(np.asarray(indices).tolist())
+        yield from rows.select_columns(["id", "image_path", "image_bytes"])
+
+    def subset(self, indices: np.ndarray | range) -> CrossModalDataset:
+        """A dataset of items ``indices`` only (same info), e.g. for small experiments."""
+        return CrossModalDataset(self.table.select(list(indices)), self.info)
 
     def image_source(self, row: dict[str, Any]) -> bytes | Path:
         if row["image_bytes"]:

@@ -34,33 +34,28 @@ FALLBACK_TRAIN = 10000
 
 def fit_protocol(
     n_items: int,
-    n_query: int | None,
-    n_train: int | None,
-    default_query: int = FALLBACK_QUERY,
-    default_train: int = FALLBACK_TRAIN,
+    n_query: int = FALLBACK_QUERY,
+    n_train: int = FALLBACK_TRAIN,
     name: str = "dataset",
 ) -> dict[str, int]:
-    """Choose default split sizes for a dataset of ``n_items``.
+    """A dataset's default protocol: ``n_query`` / ``n_train``, shrunk to fit ``n_items``.
 
-    Sizes given explicitly are kept as they are (``make_splits`` rejects them if they do
-    not fit); defaults are shrunk to fit a small dataset: at most a fifth of it for
-    queries, the rest at most for training.
+    A small dataset gets at most a fifth of its items as queries and the rest at most for
+    training. These are defaults for ``make_splits``; a run sets its own sizes with
+    ``data.n_query`` / ``data.n_train``, which are never shrunk.
     """
-    q = default_query if n_query is None else int(n_query)
-    t = default_train if n_train is None else int(n_train)
+    q, t = int(n_query), int(n_train)
     if q + t > n_items:
-        if n_query is None:
-            q = min(q, max(1, n_items // 5))
-        if n_train is None:
-            t = max(0, min(t, n_items - q))
-        if (n_query is None or n_train is None) and n_items:
+        q = min(q, max(1, n_items // 5))
+        t = max(0, min(t, n_items - q))
+        if n_items:
             logger.warning(
                 "%s has %d items, fewer than the default protocol (%d queries, %d train) needs; "
                 "using %d queries and %d train",
                 name,
                 n_items,
-                default_query,
-                default_train,
+                n_query,
+                n_train,
                 q,
                 t,
             )
@@ -181,7 +176,7 @@ def make_splits(
         ValueError: the sizes are negative or do not fit the dataset.
     """
     n = len(dataset)
-    proto = dataset.info.protocol or fit_protocol(n, None, None, name=dataset.name)
+    proto = dataset.info.protocol or fit_protocol(n, name=dataset.name)
     n_query = int(proto.get("n_query", FALLBACK_QUERY) if n_query is None else n_query)
     n_train = int(proto.get("n_train", FALLBACK_TRAIN) if n_train is None else n_train)
     n_val = default_n_val(n_train) if n_val is None else int(n_val)

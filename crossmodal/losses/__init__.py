@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from crossmodal.losses.base import HashLoss, LossBatch, Similarity, pairwise_nll, sign_pm1, softplus_stable
+from crossmodal.losses.base import HashLoss, LossBatch, Similarity, pairwise_nll, softplus_stable
 from crossmodal.registry import Registry
 
 LOSSES: Registry[HashLoss] = Registry("loss")
@@ -46,6 +46,5 @@ __all__ = [
     "list_losses",
     "pairwise_nll",
     "register_loss",
-    "sign_pm1",
     "softplus_stable",
 ]

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from crossmodal.codes import sign
+
 
 @dataclass
 class Similarity:
@@ -97,7 +99,7 @@ class HashLoss(nn.Module):
 
     def update_codes(self, F: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
         """The closed-form B step; by default B = sign(F + G), with sign(0) = +1."""
-        return sign_pm1(F + G)
+        return sign(F + G)
 
     def prepare(self, n: int, bits: int, sim: Similarity) -> None:  # noqa: B027 - optional hook
         """Called once before training with the training-set size, code length and similarity."""
@@ -114,11 +116,6 @@ class HashLoss(nn.Module):
     def bit_weights(self) -> torch.Tensor | None:
         """Per-bit ranking weights, for losses that learn them; None means plain Hamming."""
         return None
-
-
-def sign_pm1(x: torch.Tensor) -> torch.Tensor:
-    """Sign with a deterministic choice at zero: +1."""
-    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
 
 
 def softplus_stable(x: torch.Tensor) -> torch.Tensor:

@@ -33,8 +33,9 @@ from torch import nn
 from torch.nn import functional as nnf
 from tqdm.auto import tqdm
 
+from crossmodal.codes import sign
 from crossmodal.losses import register_loss
-from crossmodal.losses.base import HashLoss, LossBatch, Similarity, sign_pm1
+from crossmodal.losses.base import HashLoss, LossBatch, Similarity
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def _improve_column(a: torch.Tensor, h: torch.Tensor, max_steps: int = 5) -> tor
     a = a - torch.diag(torch.diagonal(a))  # the diagonal adds a constant (h_p^2 = 1)
     best = _column_objective(a, h)
     for _ in range(max_steps):
-        cand = sign_pm1(a @ h)
+        cand = sign(a @ h)
         value = _column_objective(a, cand)
         if value <= best + 1e-9 * abs(best):
             break
@@ -74,10 +75,10 @@ def factorise_patterns(
     root = m.sqrt()
     vals, vecs = torch.linalg.eigh(root[:, None] * sp * root[None, :])
     order = torch.argsort(vals, descending=True)[: min(bits, u)]
-    h = sign_pm1(vecs[:, order])
+    h = sign(vecs[:, order])
     if h.shape[1] < bits:
         extra = torch.randn(u, bits - h.shape[1], generator=generator, dtype=sp.dtype)
-        h = torch.cat([h, sign_pm1(extra)], 1)
+        h = torch.cat([h, sign(extra)], 1)
     resid = bits * sp - h @ h.T  # [u, u]
     with tqdm(total=sweeps * bits, desc="cnnh target codes", unit="bit", leave=False, disable=None) as bar:
         for _ in range(sweeps):
@@ -107,7 +108,7 @@ def target_codes(
     gen = torch.Generator().manual_seed(seed)
     if labels is None:
         log.info("cnnh: no labels; target codes are random (S' = 2I - 1 asks only that they differ)")
-        return sign_pm1(torch.randn(n, bits, generator=gen, dtype=torch.float64))
+        return sign(torch.randn(n, bits, generator=gen, dtype=torch.float64))
     binary = (labels > 0).cpu().double()
     pats, inverse, counts = torch.unique(binary, dim=0, return_inverse=True, return_counts=True)
     order = torch.argsort(counts, descending=True, stable=True)
@@ -120,7 +121,7 @@ def target_codes(
         weighted = counts[head].double()[:, None] * codes[head]
         for s in range(0, len(rest), 4096):
             block = rest[s : s + 4096]
-            codes[block] = sign_pm1(sim(block, head) @ weighted)
+            codes[block] = sign(sim(block, head) @ weighted)
     return codes[inverse]
 
 
@@ -133,7 +134,7 @@ class CNNHLoss(HashLoss):
         self.classifier: nn.Linear | None = None
 
     def prepare(self, n: int, bits: int, sim: Similarity) -> None:
-        """Stage 1: the target codes (skipped for a one-item ``sim``, as when a run is loaded).
+        """Stage 1: the target codes.
 
         The classifier (``cls > 0`` with labels) is created from the shapes; kept if it exists.
         """
@@ -142,8 +143,7 @@ class CNNHLoss(HashLoss):
             log.info("cnnh: no labels; the classification term is off")
         elif self.cls and getattr(self.classifier, "weight", torch.empty(0)).shape != (labels.shape[1], bits):
             self.classifier = nn.Linear(bits, labels.shape[1]).to(device=labels.device, dtype=labels.dtype)
-        if n > 1:
-            self.targets = target_codes(labels, n, bits, self.seed, self.sweeps, self.max_patterns)
+        self.targets = target_codes(labels, n, bits, self.seed, self.sweeps, self.max_patterns)
 
     def forward(self, batch: LossBatch) -> dict[str, torch.Tensor]:
         u, idx = batch.codes, batch.index

@@ -41,7 +41,7 @@ class DCMHLoss(HashLoss):
         self.pos_weight = float(pos_weight) if pos_weight != "balanced" else 1.0
 
     def prepare(self, n: int, bits: int, sim: Similarity) -> None:
-        if self.pos_weight_option == "balanced" and n > 1:
+        if self.pos_weight_option == "balanced":
             p = similar_fraction(sim)
             self.pos_weight = (1.0 - p) / p if 0.0 < p < 1.0 else 1.0
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from crossmodal.losses import register_loss
 from crossmodal.losses.base import HashLoss, LossBatch, sample_triplets
+from crossmodal.models.hasher import DivideAndEncode
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,6 @@ class DNNHLoss(HashLoss):
         self.generator = torch.Generator().manual_seed(seed)
 
     def init_heads(self, model: nn.Module, features: dict[str, torch.Tensor | None]) -> bool:
-        from crossmodal.models.hasher import DivideAndEncode
-
         if not isinstance(getattr(model, "image_head", None), DivideAndEncode):
             log.warning("dnnh is meant for the divide-and-encode head (model.head: dne)")
         return False

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from crossmodal.codes import sign
 from crossmodal.losses import register_loss
-from crossmodal.losses.base import HashLoss, LossBatch, pairwise_nll, sign_pm1
+from crossmodal.losses.base import HashLoss, LossBatch, pairwise_nll
 
 
 @register_loss("dpsh")
@@ -36,5 +37,5 @@ class DPSHLoss(HashLoss):
         if self.intra:
             same = batch.same.index_copy(0, idx, u)
             terms["intra"] = self.intra * pairwise_nll(u, same, s) / pairs
-        terms["quant"] = self.eta * ((u - sign_pm1(u.detach())) ** 2).mean()
+        terms["quant"] = self.eta * ((u - sign(u.detach())) ** 2).mean()
         return terms

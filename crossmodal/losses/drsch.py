@@ -35,15 +35,6 @@ from crossmodal.losses.base import HashLoss, LossBatch, Similarity, sample_tripl
 _UNIT = math.log(math.e - 1)  # softplus(_UNIT) == 1
 
 
-def weighted_hamming(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Weighted Hamming distances ``[na, nb]`` of {-1,+1} codes: sum of w_k where a_k != b_k.
-
-    For continuous codes it is the surrogate sum_k w_k (a_k - b_k)^2 / 4.
-    """
-    aw = a * w
-    return ((aw * a).sum(1, keepdim=True) + (w * b * b).sum(1) - 2 * aw @ b.T) / 4
-
-
 def top_bits(weights: torch.Tensor | np.ndarray, k: int) -> np.ndarray:
     """Indices of the ``k`` highest-weight bits, by decreasing weight (ties: lower index first)."""
     w = np.asarray(weights.detach().cpu() if isinstance(weights, torch.Tensor) else weights, dtype=np.float64)

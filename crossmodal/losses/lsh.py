@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from crossmodal.baselines import fit_cca, random_hyperplanes
 from crossmodal.losses import register_loss
 from crossmodal.losses.base import HashLoss, LossBatch
 
@@ -58,7 +59,6 @@ class LSHLoss(HashLoss):
 
     def init_heads(self, model: nn.Module, features: dict[str, torch.Tensor | None]) -> bool:
         """Set both linear heads to CCA projection + seeded random hyperplanes; returns True."""
-        from crossmodal.baselines import fit_cca, random_hyperplanes
 
         missing = [m for m in ("image", "text") if features.get(m) is None]
         if missing:

@@ -4,14 +4,24 @@
 ``binarize=True`` they return {-1, +1} codes (sign with +1 at zero). Both accept either
 raw inputs for the tower or, with ``from_features=True``, tower features computed
 earlier (frozen mode caches them).
+
+The model owns inference: its output activation and (for methods that learn them) its
+per-bit ranking weights are part of it, and ``HasherSpec`` names everything needed to
+rebuild it (towers by name with their options, head, activation), so that a saved model
+is loaded without the objective it was trained with.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
 import torch
 from torch import nn
 
-from crossmodal.losses.base import sign_pm1
+from crossmodal.codes import sign
+from crossmodal.models.image import create_image_tower
+from crossmodal.models.text import create_text_tower
 
 ACTIVATIONS = ("identity", "tanh", "sigmoid", "piecewise")
 PIECEWISE_EPS = 0.1
@@ -87,7 +97,22 @@ class TwoTowerHasher(nn.Module):
         self.text_tower = text_tower
         self.image_head = make_head(head, image_tower.feature_dim, bits, head_hidden)
         self.text_head = make_head(head, text_tower.feature_dim, bits, head_hidden)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
         self.activation = activation
+        self.head_kind, self.head_hidden = head, head_hidden
+        # [bits] per-bit ranking weights (weighted Hamming), for methods that learn them
+        self.register_buffer("bit_weights", None)
+
+    def set_bit_weights(self, weights: torch.Tensor | None) -> None:
+        """Rank by weighted Hamming with ``weights [bits]`` (None: plain Hamming).
+
+        Raises:
+            ValueError: ``weights`` has another length than the code.
+        """
+        if weights is not None and tuple(weights.shape) != (self.bits,):
+            raise ValueError(f"bit weights must have shape ({self.bits},), got {tuple(weights.shape)}")
+        self.bit_weights = None if weights is None else weights.detach().clone().float()
 
     def _finish(self, codes: torch.Tensor, binarize: bool) -> torch.Tensor:
         if self.activation == "tanh":
@@ -98,7 +123,7 @@ class TwoTowerHasher(nn.Module):
             codes = piecewise_threshold(torch.sigmoid(codes)) * 2 - 1
         elif self.activation != "identity":
             raise ValueError(f"unknown activation {self.activation!r}; known: {', '.join(ACTIVATIONS)}")
-        return sign_pm1(codes) if binarize else codes
+        return sign(codes) if binarize else codes
 
     def encode_image(
         self, x: torch.Tensor, binarize: bool = False, from_features: bool = False
@@ -117,12 +142,58 @@ class TwoTowerHasher(nn.Module):
         feats = batch if from_features else self.text_tower(**batch)
         return self._finish(self.text_head(feats), binarize)
 
-    def forward(
-        self, images: torch.Tensor | None = None, texts: dict[str, torch.Tensor] | None = None
-    ) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        if images is not None:
-            out["image"] = self.encode_image(images)
-        if texts is not None:
-            out["text"] = self.encode_text(texts)
-        return out
+
+@dataclass
+class HasherSpec:
+    """Everything that rebuilds a ``TwoTowerHasher`` by name (saved as a run's ``model.json``).
+
+    Attributes:
+        bits: code length.
+        image_tower: ``{"name", "pretrained", "weights", "image_size"}`` for ``create_image_tower``.
+        text_tower: ``{"name", "pretrained", "options"}`` for ``create_text_tower``.
+        head, head_hidden: the hash heads (``make_head``).
+        activation: the output activation (one of ``ACTIVATIONS``).
+        bit_weights: whether the model holds learned per-bit weights.
+        tower_files: text-tower state files saved beside the weights (e.g. ``vocab.json``).
+    """
+
+    bits: int
+    image_tower: dict[str, Any]
+    text_tower: dict[str, Any]
+    head: str = "linear"
+    head_hidden: int = 1024
+    activation: str = "identity"
+    bit_weights: bool = False
+    tower_files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> HasherSpec:
+        """Raises ``ValueError`` naming the keys that are missing or unknown."""
+        names = {f.name for f in cls.__dataclass_fields__.values()}
+        unknown, missing = set(raw) - names, {"bits", "image_tower", "text_tower"} - set(raw)
+        if unknown or missing:
+            raise ValueError(f"model spec: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+        return cls(**raw)
+
+
+def build_hasher(spec: HasherSpec, pretrained: bool | None = None) -> TwoTowerHasher:
+    """The towers and heads ``spec`` names, with pretrained tower weights unless ``pretrained=False``.
+
+    Raises:
+        UnknownNameError: a tower name is not registered.
+        ValueError: a bad code length, head or activation.
+    """
+    im, tx = spec.image_tower, spec.text_tower
+    pre_image = im.get("pretrained", True) if pretrained is None else pretrained
+    pre_text = tx.get("pretrained", True) if pretrained is None else pretrained
+    image = create_image_tower(
+        im["name"], pretrained=pre_image, weights=im.get("weights"), image_size=im.get("image_size")
+    )
+    text = create_text_tower(tx["name"], pretrained=pre_text, **dict(tx.get("options") or {}))
+    model = TwoTowerHasher(image, text, spec.bits, spec.head, spec.head_hidden, spec.activation)
+    if spec.bit_weights:
+        model.set_bit_weights(torch.ones(spec.bits))
+    return model

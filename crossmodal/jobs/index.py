@@ -12,23 +12,25 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from PIL import Image
 
 from crossmodal.codes import pack_codes
-from crossmodal.data import RELEVANCE_IMAGE, CrossModalDataset
-from crossmodal.features import FeatureRequest, ModalityInputs, extract_all, join_captions
+from crossmodal.data import RELEVANCE_IMAGE, CrossModalDataset, open_dataset
+from crossmodal.features import join_captions
 from crossmodal.images import ImageDecodeError, open_image
 from crossmodal.index import BinaryIndex, create_index
 from crossmodal.io import atomic_path
 from crossmodal.models.hasher import TwoTowerHasher
-from crossmodal.run import RunError, RunUpdate, check_run, load_run_config, recover_run
+from crossmodal.runs.encode import encode_items, frozen_features, open_run_data
+from crossmodal.runs.folder import RunUpdate, check_run, recover_run
+from crossmodal.runs.model import load_model
 from crossmodal.store import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ def text_units(
     dataset: CrossModalDataset, indices: np.ndarray, first_text_id: int = 0
 ) -> list[dict[str, Any]]:
     """Text entries of ``indices``: one per item (labelled data) or one per caption."""
-    caps = dataset.table.select(np.asarray(indices).tolist())["captions"]
+    caps = dataset.captions_of(indices)
     out: list[dict[str, Any]] = []
     per_caption = dataset.info.relevance == RELEVANCE_IMAGE
     next_id = first_text_id
@@ -54,43 +56,12 @@ def text_units(
     return out
 
 
-@torch.no_grad()
-def encode_items(
-    model: TwoTowerHasher,
-    dataset: CrossModalDataset,
-    indices: np.ndarray,
-    modality: str,
-    features: torch.Tensor | None = None,
-    texts: list[str] | None = None,
-    batch_size: int = 256,
-    progress: bool = True,
-) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """Yield ``(positions, continuous codes)`` chunk by chunk, so memory stays flat.
-
-    ``features`` are cached tower features of the whole dataset (frozen towers). With
-    ``texts``, those texts are encoded instead of the items (positions index ``texts``).
-    """
-    tower = model.image_tower if modality == "image" else model.text_tower
-    source = ModalityInputs(modality, dataset, tower, features, None)
-    enc = model.encode_image if modality == "image" else model.encode_text
-    n = len(texts) if texts is not None else len(indices)
-    for s in tqdm(range(0, n, batch_size), desc=f"encode {modality}", disable=not progress, leave=False):
-        pos = np.arange(s, min(s + batch_size, n))
-        if texts is not None:
-            yield pos, enc(tower.tokenize([texts[int(p)] for p in pos]))
-        else:
-            x = source.batch(indices[pos], torch.device("cpu"))
-            yield pos, enc(x, from_features=source.from_features)
-
-
 def thumbnail_bytes(data: bytes) -> bytes:
     """A PNG of at most ``THUMB_SIDE`` px a side, on white: ``data`` itself when it already is one.
 
     Raises:
         ImageDecodeError: ``data`` is not a readable image.
     """
-    from PIL import Image
-
     try:  # an opaque PNG small enough is kept as it is (OpenMoji's renders): one decode, no encode
         img = Image.open(io.BytesIO(data))
         if img.format == "PNG" and max(img.size) <= THUMB_SIDE:
@@ -113,12 +84,9 @@ def write_thumbnails(
     An existing thumbnail is kept unless ``overwrite`` (new ids may meet thumbnails left by
     an interrupted run whose store was rolled back).
     """
-    rows = dataset.table.select(np.asarray(indices).tolist()).select_columns(
-        ["id", "image_path", "image_bytes"]
-    )
     paths = []
     written = 0
-    for item_id, row in zip(ids, rows):
+    for item_id, row in zip(ids, dataset.image_rows(indices)):
         if not row["image_bytes"]:
             paths.append(str((Path(dataset.info.image_root) / row["image_path"]).resolve()))
             continue
@@ -140,45 +108,27 @@ def write_thumbnails(
     return paths
 
 
-def frozen_features(cfg: Any, model: TwoTowerHasher, dataset: CrossModalDataset, manifest: dict) -> dict:
-    """Cached features of the run's frozen towers: ``{"image": [n, f] or None, "text": ...}``."""
-    from crossmodal.train import tower_description
-
-    towers = {"image": model.image_tower, "text": model.text_tower}
-    requests = [
-        FeatureRequest(m, towers[m], tower_description(cfg, m))
-        for m, frozen in manifest.get("frozen", {}).items()
-        if frozen
-    ]
-    feats = extract_all(dataset, requests, cfg.train.cache_dir, cfg.train.feature_batch_size)
-    return {"image": feats.get("image"), "text": feats.get("text")}
-
-
 def index_run(
     run_dir: str | os.PathLike[str],
     kind: str | None = None,
     params: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Encode the database split of a trained run and write its indexes, store and manifest."""
-    from crossmodal.pipeline import load_model, open_dataset, split_indices
+    """Encode the database split of a trained run and write its indexes, store and manifest.
 
+    Raises:
+        RunError: the run is untrained or damaged, or its dataset changed since training.
+    """
     run_dir = Path(run_dir)
     recover_run(run_dir)
-    cfg = load_run_config(run_dir)
-    manifest = check_run(run_dir, need=("model.safetensors", "splits.json"))
+    started = time.perf_counter()
+    data = open_run_data(run_dir)
+    cfg, dataset = data.cfg, data.dataset
     kind = kind or cfg.index.kind
     params = {**cfg.index.params, **(params or {})} if kind == cfg.index.kind else dict(params or {})
-    started = time.perf_counter()
-    model, _ = load_model(run_dir, cfg)
-    dataset = open_dataset(cfg.data.name, cfg.data.options)
-    if dataset.fingerprint() != manifest["dataset"]["fingerprint"]:
-        raise RunError(
-            f"the dataset {dataset.name!r} changed since {run_dir} was trained "
-            f"(fingerprint {dataset.fingerprint()} != {manifest['dataset']['fingerprint']}); re-train the run"
-        )
-    db = split_indices(run_dir, dataset)["database"]
-    feats = frozen_features(cfg, model, dataset, manifest)
+    model = load_model(run_dir)
+    db = data.splits["database"]
+    feats = frozen_features(data, model)
     units = text_units(dataset, db)
     per_caption = dataset.info.relevance == RELEVANCE_IMAGE
     text_ids = np.array([u["text_id"] for u in units], dtype=np.int64)
@@ -238,7 +188,7 @@ def write_store(
     labels = dataset.labels_matrix()
     names = dataset.info.label_names
     paths = write_thumbnails(dataset, indices, run_dir, indices)
-    keys = dataset.table.select(np.asarray(indices).tolist())["id"]
+    keys = dataset.ids_of(indices)
     items = (
         {
             "item_id": int(i),
@@ -263,20 +213,15 @@ def add_to_run(
     the store and the manifest are replaced together (``RunUpdate``): a crash leaves the run
     as it was or, within the renames, refused until the command is run again.
     """
-    import shutil
-
-    from crossmodal.pipeline import load_model, open_dataset
-
     run_dir = Path(run_dir)
     recover_run(run_dir)
     manifest = check_run(run_dir, need=("model.safetensors", "image.index", "text.index", "store.sqlite"))
-    cfg = load_run_config(run_dir)
     options = dict(options or {})
     name = source
     if Path(source).is_dir():
         name, options = "imagefolder", {"root": str(Path(source).resolve()), **options}
     dataset = open_dataset(name, options)
-    model, _ = load_model(run_dir, cfg)
+    model = load_model(run_dir)
     indexes = {
         m: BinaryIndex.load(run_dir / f"{m}.index", expected_bits=model.bits) for m in ("image", "text")
     }
@@ -301,7 +246,7 @@ def add_to_run(
     for pos, codes in encode_items(model, dataset, positions, "text", texts=texts, progress=progress):
         indexes["text"].add(pack_codes(codes.numpy()), text_ids[pos])
     paths = write_thumbnails(dataset, positions, run_dir, item_ids, overwrite=True)
-    keys = dataset.table["id"]
+    keys = dataset.ids
     items = [{"item_id": int(i), "key": k, "image_path": p, "labels": [], "source": dataset.name}
              for i, k, p in zip(item_ids, keys, paths)]  # fmt: skip
     info = {**manifest["index"], "items": int(indexes["image"].ntotal), "texts": int(indexes["text"].ntotal)}

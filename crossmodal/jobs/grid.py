@@ -20,23 +20,23 @@ from tqdm.auto import tqdm
 
 from crossmodal.config import load_config
 from crossmodal.io import write_json_atomic
+from crossmodal.jobs.eval import eval_run
+from crossmodal.jobs.train import train_run
+from crossmodal.losses import LOSSES, list_losses
+from crossmodal.report import grid_report
+from crossmodal.runs.state import is_trained
 
 log = logging.getLogger(__name__)
 
 
 def method_overrides(loss: str) -> list[str]:
     """Config settings a method needs on top of the recipe (e.g. DNNH's divide-and-encode head)."""
-    from crossmodal.losses import LOSSES, list_losses
-
     list_losses()
     return [f"{k}={v}" for k, v in getattr(LOSSES.get(loss), "config_overrides", {}).items()]
 
 
 def run_cell(recipe: str, loss: str, bits: int, out_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """Train (unless already trained) and evaluate one cell; returns the cell record."""
-    from crossmodal.eval_run import eval_run
-    from crossmodal.pipeline import train_run
-
     base = load_config(recipe)
     name = f"{base.name}-{loss}-{bits}"
     cfg = load_config(
@@ -54,7 +54,7 @@ def run_cell(recipe: str, loss: str, bits: int, out_dir: Path, overrides: list[s
         cfg.loss.params = {}  # the recipe's loss parameters belong to its own loss
     run_dir = cfg.run_dir
     log_file = run_dir / "train_log.json"
-    if not (log_file.exists() and (run_dir / "model.safetensors").exists()):
+    if not is_trained(run_dir):
         train_run(cfg, progress=False)
     train_log = json.loads(log_file.read_text())
     metrics = eval_run(run_dir, baselines=False)["hash"]
@@ -74,8 +74,6 @@ def run_grid(
     progress: bool = True,
 ) -> Path:
     """Run every (recipe, loss, bits) cell and write ``report.md``, ``results.json`` and plots."""
-    from crossmodal.report import grid_report
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     done_file = out / "cells.json"

@@ -21,35 +21,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from crossmodal.data import RELEVANCE_IMAGE, CrossModalDataset
-from crossmodal.evaluate import evaluate_directions
-from crossmodal.features import join_captions
-from crossmodal.indexing import encode_items, frozen_features
+from crossmodal.baselines import fit_baseline
+from crossmodal.codes import sign
+from crossmodal.data import RELEVANCE_IMAGE
+from crossmodal.evaluate import evaluate_directions, relevance_args
 from crossmodal.report import write_run_report
-from crossmodal.run import check_run, load_run_config, update_manifest
-from crossmodal.train import MODALITIES, codes_for_eval
+from crossmodal.runs.encode import continuous_codes, frozen_features, open_run_data
+from crossmodal.runs.folder import EVAL_FILES, RunUpdate
+from crossmodal.runs.model import MODALITIES, load_model
 
 log = logging.getLogger(__name__)
-
-
-def continuous_codes(
-    model: Any, dataset: CrossModalDataset, indices: np.ndarray, feats: dict[str, torch.Tensor | None]
-) -> dict[str, np.ndarray]:
-    """Continuous codes ``[len(indices), bits]`` of both modalities (one text per item)."""
-    out = {}
-    for m in MODALITIES:
-        own = None
-        if m == "text" and feats[m] is None:  # an unfrozen text tower encodes the joined captions
-            captions = dataset.table.select(np.asarray(indices).tolist())["captions"]
-            own = [join_captions(c) for c in captions]
-        parts = [
-            c.numpy() for _, c in encode_items(model, dataset, indices, m, feats[m], own, progress=False)
-        ]
-        out[m] = np.concatenate(parts) if parts else np.zeros((0, model.bits), np.float32)
-    return out
 
 
 def eval_run(
@@ -58,20 +39,18 @@ def eval_run(
     ks: tuple[int, ...] = (100,),
     tie_aware: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate ``run_dir`` in all four directions; returns ``{row: {direction: metrics}}``."""
-    from crossmodal.baselines import fit_baseline
-    from crossmodal.pipeline import load_model, open_dataset, split_indices
+    """Evaluate ``run_dir`` in all four directions; returns ``{row: {direction: metrics}}``.
 
+    Raises:
+        RunError: the run is untrained or damaged, or its dataset changed since training.
+    """
     run_dir = Path(run_dir)
     started = time.perf_counter()
-    cfg = load_run_config(run_dir)
-    manifest = check_run(run_dir, need=("model.safetensors", "splits.json"))
-    model, loss = load_model(run_dir, cfg)
-    dataset = open_dataset(cfg.data.name, cfg.data.options)
-    split = split_indices(run_dir, dataset)
-    feats = frozen_features(cfg, model, dataset, manifest)
-    weights = loss.bit_weights()
-    weights = None if weights is None else weights.detach().cpu().numpy()
+    data = open_run_data(run_dir)
+    cfg, dataset, split = data.cfg, data.dataset, dict(data.splits)
+    model = load_model(run_dir)
+    feats = frozen_features(data, model)
+    weights = None if model.bit_weights is None else model.bit_weights.numpy()
     directions = ("i2t", "t2i", "i2i", "t2t")
     if dataset.info.relevance == RELEVANCE_IMAGE:
         # "same item" relevance: each query image is matched against the query items' texts
@@ -79,21 +58,15 @@ def eval_run(
         split["database"], directions = split["query"], ("i2t", "t2i")
     q = continuous_codes(model, dataset, split["query"], feats)
     db = continuous_codes(model, dataset, split["database"], feats)
-    target = codes_for_eval({}, dataset, split["query"], split["database"])
+    target = relevance_args(dataset.labels_matrix(), split["query"], split["database"])
     opts = {"ks": ks, "tie_aware": tie_aware, "directions": directions}
 
     def score(qi, qt, di, dt, **extra: Any) -> dict[str, Any]:
         arrays = {"query_image": qi, "query_text": qt, "db_image": di, "db_text": dt}
         return evaluate_directions(arrays, **target, **opts, **extra)
 
-    def signs(x: np.ndarray) -> np.ndarray:
-        return np.where(x >= 0, 1, -1).astype(np.int8)
-
-    rows = {
-        "hash": score(
-            *(signs(a) for a in (q["image"], q["text"], db["image"], db["text"])), bit_weights=weights
-        )
-    }
+    signs = [sign(a) for a in (q["image"], q["text"], db["image"], db["text"])]
+    rows = {"hash": score(*signs, bit_weights=weights)}
     rows["float (cosine)"] = score(q["image"], q["text"], db["image"], db["text"], metric="cosine")
     if baselines and all(feats[m] is not None for m in MODALITIES):
         train = split["train"]
@@ -106,11 +79,12 @@ def eval_run(
         f"Evaluation of {run_dir.name}: {cfg.data.name}, {cfg.model.image_tower} + {cfg.model.text_tower}, "
     )
     title += f"{cfg.loss.name}, {model.bits} bits"
-    write_run_report(rows, run_dir / "eval", title=title)
     summary = {r: {d: round(float(m["map"]), 4) for d, m in v.items()} for r, v in rows.items()}
-    update_manifest(run_dir, ["eval/metrics.json", "eval/report.md"], eval={
-        "map": summary, "seconds": round(time.perf_counter() - started, 2),
-        "n_query": int(len(split["query"])), "n_db": int(len(split["database"]))})  # fmt: skip
+    with RunUpdate(run_dir) as update:  # the report and its plots, then the manifest that lists them
+        write_run_report(rows, update.path(EVAL_FILES[0]).parent, title=title)
+        update.commit(eval={
+            "map": summary, "seconds": round(time.perf_counter() - started, 2),
+            "n_query": int(len(split["query"])), "n_db": int(len(split["database"]))})  # fmt: skip
     return rows
 
 

@@ -14,37 +14,15 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from crossmodal.config import Config, ConfigError, settings_differences, training_settings
-from crossmodal.run import MANIFEST, RunError, check_run, load_run_config, recover_run
-from crossmodal.train import checkpoint_differences, checkpoint_state
+from crossmodal.config import Config, ConfigError, load_config, settings_differences, training_settings
+from crossmodal.data import open_dataset
+from crossmodal.jobs.eval import eval_run, summary_table
+from crossmodal.jobs.index import index_run
+from crossmodal.jobs.train import check_names, checkpoint_differences, checkpoint_state, train_run
+from crossmodal.runs.folder import RunError, RunFormatError, check_run, load_run_config, recover_run
+from crossmodal.runs.state import is_evaluated, is_indexed, is_trained
 
 STEPS = ("data", "train", "index", "eval")
-
-
-def is_trained(run_dir: Path) -> bool:
-    """A manifest that lists ``model.safetensors`` (written last by a finished training).
-
-    Raises:
-        RunError: the run folder is from another version or its manifest is corrupt.
-    """
-    if not (run_dir / MANIFEST).exists():
-        return False
-    manifest = check_run(run_dir)
-    return "model.safetensors" in manifest.get("files", {}) and (run_dir / "model.safetensors").exists()
-
-
-def is_indexed(run_dir: Path, kind: str) -> bool:
-    """Indexed, with an index of ``kind`` (a recipe naming another kind is re-indexed)."""
-    info = check_run(run_dir).get("index")
-    return (
-        isinstance(info, dict)
-        and info.get("kind") == kind
-        and all((run_dir / f).exists() for f in ("image.index", "text.index"))
-    )
-
-
-def is_evaluated(run_dir: Path) -> bool:
-    return "eval" in check_run(run_dir) and (run_dir / "eval" / "metrics.json").exists()
 
 
 def recipe_differences(run_dir: Path, cfg: Config) -> list[str]:
@@ -82,11 +60,6 @@ def prepare_run(
         ConfigError, UnknownNameError: a bad recipe, before any work.
         RunError: the run folder exists but is damaged or from another version.
     """
-    from crossmodal.config import load_config
-    from crossmodal.eval_run import eval_run, summary_table
-    from crossmodal.indexing import index_run
-    from crossmodal.pipeline import check_names, open_dataset, train_run
-
     started = time.perf_counter()
     cfg = load_config(config, list(overrides))
     check_names(cfg)
@@ -106,7 +79,14 @@ def prepare_run(
     done(0, f"{dataset.name}, {len(dataset):,} items", t0)
 
     t0 = time.perf_counter()
-    if is_trained(run_dir):
+    try:
+        trained = is_trained(run_dir)
+    except RunFormatError as exc:  # a run of an older crossmodal is retrained in place; a newer one is not
+        if not exc.older:
+            raise
+        say(f"[2/{n}] train: {str(exc).split(':')[0]}; retraining it")
+        trained = False
+    if trained:
         differ = recipe_differences(run_dir, cfg)
         note = f" (trained with other {', '.join(differ)}: delete it to retrain)" if differ else ""
         skipped(1, f"{run_dir} is already trained, skipped{note}")

@@ -1,11 +1,11 @@
-"""The run folder: manifest, checks on loading, and rebuilding a trained model.
+"""The run folder: its manifest, the one writer that updates it, and the checks on reading it.
 
-``runs/<name>/`` holds ``config.yaml``, ``model.safetensors``, tower state such as
-``vocab.json``, ``splits.json``, ``image.index``, ``text.index``, ``store.sqlite``,
+``runs/<name>/`` holds ``config.yaml``, ``model.json``, ``model.safetensors``, tower state
+such as ``vocab.json``, ``splits.json``, ``image.index``, ``text.index``, ``store.sqlite``,
 ``manifest.json`` and ``eval/``. The manifest is written last and records the code
 length, the towers, the format version and a checksum of every file, so a run from
 another version, or one whose files changed underneath, is refused with a message
-that says what differs.
+that says what differs. Every change to a run goes through ``RunUpdate``.
 """
 
 from __future__ import annotations
@@ -29,10 +29,23 @@ MANIFEST = "manifest.json"
 JOURNAL = ".update.json"  # present only while a RunUpdate renames its files into place
 STAGING_PREFIX = ".staging-"
 INDEX_FILES = ("image.index", "image.index.json", "text.index", "text.index.json", "store.sqlite")
+EVAL_FILES = ("eval/metrics.json", "eval/report.md")
+KEPT_ON_RETRAIN = ("config.yaml", "splits.json")  # rewritten at the start of a training
 
 
 class RunError(RuntimeError):
     """A run folder is missing, incomplete or incompatible; the message says what to run."""
+
+
+class RunFormatError(RunError):
+    """A run folder written by a crossmodal with another run format; it must be re-trained.
+
+    ``older`` is True when it is an earlier format (which ``crossmodal prepare`` retrains in place).
+    """
+
+    def __init__(self, message: str, older: bool = False) -> None:
+        super().__init__(message)
+        self.older = older
 
 
 def read_manifest(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -46,22 +59,6 @@ def read_manifest(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RunError(f"{path} is corrupt ({exc}); re-run: crossmodal train") from None
-
-
-def update_manifest(run_dir: str | os.PathLike[str], files: list[str], **fields: Any) -> dict[str, Any]:
-    """Merge ``fields`` into the manifest, re-checksum ``files``, write it atomically (last)."""
-    run_dir = Path(run_dir)
-    path = run_dir / MANIFEST
-    manifest = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    manifest.update(fields)
-    manifest["format_version"] = RUN_FORMAT_VERSION
-    manifest["crossmodal_version"] = __version__
-    manifest.setdefault("python", platform.python_version())
-    checksums = manifest.setdefault("files", {})
-    for name in files:
-        checksums[name] = sha256_file(run_dir / name)
-    write_json_atomic(path, manifest)
-    return manifest
 
 
 def check_run(
@@ -85,10 +82,12 @@ def check_run(
     manifest = read_manifest(run_dir)
     version = manifest.get("format_version")
     if version != RUN_FORMAT_VERSION:
-        raise RunError(
+        older = isinstance(version, int) and version < RUN_FORMAT_VERSION
+        raise RunFormatError(
             f"{run_dir} was written with run format {version} (crossmodal "
             f"{manifest.get('crossmodal_version')}); this crossmodal {__version__} reads format "
-            f"{RUN_FORMAT_VERSION}: re-train it with crossmodal train"
+            f"{RUN_FORMAT_VERSION}: re-train it with: crossmodal train --config {Path(run_dir) / 'config.yaml'}",
+            older=older,
         )
     if bits is not None and manifest.get("bits") != bits:
         raise RunError(f"{run_dir} has {manifest.get('bits')}-bit codes, expected {bits}")
@@ -136,21 +135,28 @@ class RunUpdate:
             update.commit(index=info)
 
     New files are written under ``update.path(name)``, in a hidden staging folder inside
-    the run folder. ``commit`` checksums them into the next manifest, hard-links the current
-    files into the staging folder as backups, writes a journal (``.update.json``), renames
-    each staged file into place, the manifest last, and removes the journal. A process
-    killed before the journal leaves the run as it was; one killed during the renames (or
-    before the journal is removed) leaves a journal: readers refuse a set whose checksums
-    differ from the manifest, and ``recover_run``, which every writer calls first, rolls the
-    update back, so that running the command again does its work once.
+    the run folder; ``adopt(name)`` lists a file already in place, ``forget(name)`` unlists
+    one (and deletes it once the manifest no longer names it). ``commit`` checksums the
+    staged and adopted files into the next manifest, hard-links the current files into the
+    staging folder as backups, writes a journal (``.update.json``), renames each staged file
+    into place, the manifest last, and removes the journal. A process killed before the
+    journal leaves the run as it was; one killed during the renames (or before the journal
+    is removed) leaves a journal: readers refuse a set whose checksums differ from the
+    manifest, and ``recover_run``, which every writer calls first, rolls the update back,
+    so that running the command again does its work once.
+
+    This is the only writer of ``manifest.json``.
     """
 
     def __init__(self, run_dir: str | os.PathLike[str]) -> None:
         self.run_dir = Path(run_dir)
         self.dir: Path | None = None
         self.committed = False
+        self._adopted: list[str] = []
+        self._forgotten: list[str] = []
 
     def __enter__(self) -> RunUpdate:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.run_dir))
         return self
 
@@ -159,40 +165,82 @@ class RunUpdate:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def path(self, name: str) -> Path:
-        """Where to write the next version of the run file ``name`` (a plain file name)."""
+        """Where to write the next version of the run file ``name`` (``"eval/report.md"`` too)."""
         if self.dir is None:
             raise RuntimeError("RunUpdate.path() outside its with-block")
-        if Path(name).name != name or name.startswith(".") or name == MANIFEST:
-            raise ValueError(f"{name!r} is not a plain run file name")
-        return self.dir / name
+        _check_name(name)
+        path = self.dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
 
-    def commit(self, **fields: Any) -> dict[str, Any]:
-        """Move every staged file into place and write the manifest updated with ``fields``."""
+    def adopt(self, *names: str) -> None:
+        """List files already in the run folder (written earlier) in the next manifest."""
+        for name in names:
+            _check_name(name)
+            if not (self.run_dir / name).is_file():
+                raise FileNotFoundError(f"{self.run_dir / name} does not exist")
+        self._adopted += names
+
+    def forget(self, *names: str) -> None:
+        """Unlist files in the next manifest; they are deleted once it is in place."""
+        self._forgotten += names
+
+    def _staged(self) -> list[str]:
         assert self.dir is not None
-        names = sorted(p.name for p in self.dir.iterdir() if p.is_file() and not p.name.startswith("."))
+        return sorted(
+            p.relative_to(self.dir).as_posix()
+            for p in self.dir.rglob("*")
+            if p.is_file() and not p.relative_to(self.dir).parts[0].startswith(".")
+        )
+
+    def commit(self, drop: tuple[str, ...] = (), **fields: Any) -> dict[str, Any]:
+        """Move every staged file into place and write the manifest updated with ``fields``.
+
+        Args:
+            drop: manifest keys to remove (e.g. ``"index"`` when the indexes are forgotten).
+        """
+        assert self.dir is not None
+        names = self._staged()
         path = self.run_dir / MANIFEST
         manifest = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        for key in drop:
+            manifest.pop(key, None)
         manifest.update(fields, format_version=RUN_FORMAT_VERSION, crossmodal_version=__version__)
         manifest.setdefault("python", platform.python_version())
         checksums = manifest.setdefault("files", {})
+        for name in self._forgotten:
+            checksums.pop(name, None)
         for name in names:
             checksums[name] = sha256_file(self.dir / name)
+        for name in self._adopted:
+            checksums[name] = sha256_file(self.run_dir / name)
         write_json_atomic(self.dir / MANIFEST, manifest)
         order = [*names, MANIFEST]
         backups = self.dir / ".old"
-        backups.mkdir()
         existing = [n for n in order if (self.run_dir / n).is_file()]
         for name in existing:
+            (backups / name).parent.mkdir(parents=True, exist_ok=True)
             _link_or_copy(self.run_dir / name, backups / name)
         write_json_atomic(
             self.run_dir / JOURNAL, {"staging": self.dir.name, "files": order, "existing": existing}
         )
         for name in order:
+            (self.run_dir / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.dir / name, self.run_dir / name)
         (self.run_dir / JOURNAL).unlink()
         self.committed = True
         shutil.rmtree(self.dir, ignore_errors=True)
+        for name in self._forgotten:  # no longer vouched for: safe to delete
+            if name not in names:
+                (self.run_dir / name).unlink(missing_ok=True)
         return manifest
+
+
+def _check_name(name: str) -> None:
+    parts = Path(name).parts
+    if not parts or Path(name).is_absolute() or any(p in ("..", "") or p.startswith(".") for p in parts) \
+            or name == MANIFEST or len(parts) > 2:  # fmt: skip
+        raise ValueError(f"{name!r} is not a run file name (a plain name, or one folder and a name)")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -244,24 +292,23 @@ def invalidate_products(run_dir: str | os.PathLike[str], model: bool = False) ->
     Called before training into an existing run folder, so that a new model is never
     served with the codes of the old one. With ``model``, the manifest stops vouching for
     the old model too: a training interrupted from here leaves a run that says it is
-    untrained, not the old weights beside the new config and splits. Returns the names removed.
+    untrained, not the old weights beside the new config and splits; every file but
+    ``config.yaml`` and ``splits.json`` is unlisted and deleted. Returns the names removed.
     """
-    import shutil
-
     run_dir = Path(run_dir)
     removed = [name for name in INDEX_FILES if (run_dir / name).exists()]
-    path = run_dir / MANIFEST
-    if path.exists():
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        for key in ("index", "eval"):
-            manifest.pop(key, None)
-        files = manifest.get("files", {})
-        stale = [*INDEX_FILES, "eval/metrics.json", "eval/report.md"]
-        for name in stale + (["model.safetensors", "train_log.json"] if model else []):
-            files.pop(name, None)
-        write_json_atomic(path, manifest)  # first: the manifest no longer vouches for them
+    if (run_dir / MANIFEST).exists():  # first: the manifest no longer vouches for them
+        try:
+            listed = json.loads((run_dir / MANIFEST).read_text(encoding="utf-8")).get("files", {})
+        except (OSError, ValueError):
+            listed = {}
+        with RunUpdate(run_dir) as update:
+            update.forget(*INDEX_FILES, *EVAL_FILES)
+            if model:
+                update.forget(*[n for n in listed if n not in KEPT_ON_RETRAIN])
+            update.commit(drop=("index", "eval", *(("model",) if model else ())))
     for name in removed:
-        (run_dir / name).unlink()
+        (run_dir / name).unlink(missing_ok=True)
     for folder in ("eval", "images"):  # thumbnails are named by item id: stale for another dataset
         if (run_dir / folder).is_dir():
             shutil.rmtree(run_dir / folder)

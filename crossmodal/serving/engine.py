@@ -7,11 +7,14 @@
     engine.similar_texts("red heart", k=10) # text -> texts
 
 Each call returns a ``SearchResult`` with the hits (id, captions, image path, Hamming
-distance) and the time each stage took. The engine only knows the run folder.
+distance) and the time each stage took. The engine only knows the run folder: it
+rebuilds the model from ``model.json`` and imports no training code (no objective, no
+trainer, no jobs).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -27,15 +30,8 @@ from PIL import Image
 from crossmodal.codes import codes_to_hex, pack_codes, unpack_codes, weighted_hamming
 from crossmodal.images import open_image
 from crossmodal.index import PAD_DISTANCE, BinaryIndex, IndexFileError
-from crossmodal.run import (
-    INDEX_FILES,
-    JOURNAL,
-    RunError,
-    check_run,
-    load_run_config,
-    read_manifest,
-    verify_files,
-)
+from crossmodal.runs.folder import INDEX_FILES, JOURNAL, RunError, check_run, read_manifest, verify_files
+from crossmodal.runs.model import MODEL_SPEC, WEIGHTS, load_model, read_spec
 from crossmodal.store import MetadataStore, StoreError
 from crossmodal.text import QueryError
 
@@ -75,7 +71,7 @@ class SearchResult:
 class RetrievalEngine:
     """Search a run folder written by ``crossmodal train`` and ``crossmodal index``."""
 
-    def __init__(self, run_dir: Path, model: Any, loss: Any, indexes: dict[str, BinaryIndex],
+    def __init__(self, run_dir: Path, model: Any, indexes: dict[str, BinaryIndex],
                  store: MetadataStore, manifest: dict[str, Any]) -> None:  # fmt: skip
         self.run_dir, self.model, self.indexes, self.store, self.manifest = (
             run_dir,
@@ -85,7 +81,7 @@ class RetrievalEngine:
             manifest,
         )
         self.bits = int(manifest["bits"])
-        weights = loss.bit_weights() if loss is not None else None
+        weights = model.bit_weights
         self.bit_weights = None if weights is None else weights.detach().cpu().numpy().astype(np.float64)
         self._lock = threading.Lock()  # torch modules are not re-entrant across threads
 
@@ -106,25 +102,24 @@ class RetrievalEngine:
         """
         import faiss
 
-        from crossmodal.pipeline import load_model
-
         if faiss_threads:
             faiss.omp_set_num_threads(faiss_threads)
 
         run_dir = Path(run_dir)
-        need = ("model.safetensors", "image.index", "text.index", "store.sqlite")
+        need = (WEIGHTS, MODEL_SPEC, "image.index", "text.index", "store.sqlite")
         manifest = read_manifest(run_dir) if run_dir.is_dir() else {}
-        checked = ("model.safetensors", *manifest.get("tower_files", []), *INDEX_FILES)
+        listed = manifest.get("files", {}) if isinstance(manifest.get("files"), dict) else {}
+        checked = (*[n for n in listed if not n.startswith("eval/")], *INDEX_FILES)
         # After an interrupted update, say so before any file-specific complaint.
         manifest = check_run(run_dir, need=need, verify=checked if (run_dir / JOURNAL).exists() else ())
-        cfg = load_run_config(run_dir)
-        _check_config(run_dir, cfg, manifest)
-        model, loss = load_model(run_dir, cfg)
+        spec = read_spec(run_dir)
+        _check_spec(run_dir, spec.bits, manifest)
+        model = load_model(run_dir)
         # the engine only encodes: batch norms folded (as when the features were cached)
         model.image_tower = model.image_tower.for_inference()
         try:  # one error type (RunError) for every broken part of a run folder
             indexes = {
-                m: BinaryIndex.load(run_dir / f"{m}.index", mmap=mmap, expected_bits=cfg.model.bits)
+                m: BinaryIndex.load(run_dir / f"{m}.index", mmap=mmap, expected_bits=spec.bits)
                 for m in ("image", "text")
             }
             store = MetadataStore.open(run_dir / "store.sqlite")
@@ -136,11 +131,12 @@ class RetrievalEngine:
                     f"{run_dir}: store.sqlite holds {store.count_items()} items but image.index "
                     f"{indexes['image'].ntotal}; re-run: crossmodal index --run {run_dir}"
                 )
-            verify_files(run_dir, manifest, checked)  # a replaced file may still load: compare checksums
+            # a replaced file may still load: compare the checksums of every file the engine reads
+            verify_files(run_dir, manifest, (WEIGHTS, MODEL_SPEC, *spec.tower_files, *INDEX_FILES))
         except RunError:
             store.close()
             raise
-        return cls(run_dir, model, loss, indexes, store, manifest)
+        return cls(run_dir, model, indexes, store, manifest)
 
     # -- encoding ---------------------------------------------------------------------------
     def encode_texts(self, queries: list[str]) -> np.ndarray:
@@ -274,24 +270,63 @@ class RetrievalEngine:
             "weighted": self.bit_weights is not None,
         }  # fmt: skip
 
+    def ignored_words(self, query: str) -> list[str]:
+        """Words of ``query`` that a vocabulary-based text tower does not know (and so ignores)."""
+        vocab = getattr(self.model.text_tower, "vocab", None)
+        return vocab.oov_words(query) if vocab is not None and hasattr(vocab, "oov_words") else []
+
+    def image_path(self, stored: str) -> str:
+        """The absolute path of an image path as the store holds it ("" stays "")."""
+        return self._image_path(stored)
+
+    def image_roots(self) -> list[Path]:
+        """The folders the run's images live in: its thumbnails, the dataset's image folder and
+        any folders added with ``crossmodal index --add``. Never the run folder itself."""
+        roots = [(Path(self.run_dir) / "images").resolve()]
+        image_root = self.manifest.get("dataset_info", {}).get("image_root")
+        added = [a.get("source", "") for a in self.manifest.get("index", {}).get("added", [])]
+        for folder in [image_root, *added]:
+            if folder and Path(folder).is_dir():
+                roots.append(Path(folder).resolve())
+        return roots
+
+    def label_names(self) -> list[str]:
+        """The dataset's label names (empty for captions-only data)."""
+        return [str(x) for x in self.store.get_meta("label_names", []) or []]
+
+    def sample_captions(self, n: int = 2000) -> list[str]:
+        """Captions of the first ``n`` text entries (for example queries)."""
+        return [t["caption"] for t in self.store.get_texts(range(n), missing="none") if t]
+
+    def sample_image_paths(self, n: int) -> list[str]:
+        """Absolute paths of about ``n`` database images spread over the store."""
+        last = self.store.max_item_id()
+        ids = range(0, last + 1, max(1, (last + 1) // max(n, 1)))
+        return [self._image_path(i["image_path"]) for i in self.store.get_items(ids, missing="none") if i]
+
+    def metrics(self) -> dict[str, Any] | None:
+        """The run's evaluation, ``{row: {direction: {metric: value}}}`` from ``eval/metrics.json``;
+        None when it is not evaluated or the file is unreadable."""
+        try:
+            metrics = json.loads((Path(self.run_dir) / "eval" / "metrics.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(metrics, dict):
+            return None
+        rows = {k: v for k, v in metrics.items() if isinstance(v, dict) and v}
+        return {k: v for k, v in rows.items() if all(isinstance(x, dict) for x in v.values())} or None
+
     def close(self) -> None:
         self.store.close()
 
 
-def _check_config(run_dir: Path, cfg: Any, manifest: dict[str, Any]) -> None:
-    """Refuse a config.yaml that names another code length or tower than the trained run."""
-    if cfg.model.bits != manifest.get("bits"):
+def _check_spec(run_dir: Path, bits: int, manifest: dict[str, Any]) -> None:
+    """Refuse a model.json that names another code length than the trained run's manifest."""
+    if bits != manifest.get("bits"):
         raise RunError(
-            f"{run_dir}: code length differs: config.yaml says {cfg.model.bits} bits, "
+            f"{run_dir}: code length differs: {MODEL_SPEC} says {bits} bits, "
             f"manifest.json {manifest.get('bits')} bits; re-run crossmodal train and index"
         )
-    for side in ("image_tower", "text_tower"):
-        if manifest.get(side) is not None and getattr(cfg.model, side) != manifest[side]:
-            raise RunError(
-                f"{run_dir}: config.yaml names the {side.replace('_', ' ')} {getattr(cfg.model, side)!r} "
-                f"but the run was trained with {manifest[side]!r} (manifest.json); restore config.yaml "
-                "or re-run crossmodal train and index"
-            )
 
 
 def _label(image: ImageInput) -> str:

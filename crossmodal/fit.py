@@ -1,0 +1,353 @@
+"""DCMH's alternating optimisation for any registered objective, as a library function.
+
+``fit(model, loss, data, options)`` runs, each epoch, image-tower steps with the text
+codes G and the binary codes B fixed, then text-tower steps with F and B fixed, then the
+closed-form B step of the loss (Jiang & Li, "Deep Cross-Modal Hashing", CVPR 2017,
+Algorithm 1). The buffers F and G of the whole training set live here and are passed to
+the loss explicitly. With validation items, the model is selected on their mAP (never
+on the query set), with early stopping. ``fit`` knows no run folder: the training job
+adds checkpoints, resuming and saving around it through ``on_epoch`` and ``resume``.
+
+When it returns, the model owns its inference: its output activation is the loss's and
+its per-bit weights (for methods that learn them) are set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from crossmodal.codes import sign
+from crossmodal.evaluate import evaluate_directions, relevance_args
+from crossmodal.losses import HashLoss, LossBatch, Similarity
+from crossmodal.models.hasher import TwoTowerHasher
+
+log = logging.getLogger(__name__)
+
+MODALITIES = ("image", "text")
+
+
+class Inputs(Protocol):
+    """What one modality feeds its tower, by item position.
+
+    ``batch(positions, device, rng)`` gives the tower's (or, when ``from_features``, the
+    head's) input; ``item_features`` is ``[n_items, f]`` cached features, or None.
+    """
+
+    from_features: bool
+    item_features: torch.Tensor | None
+
+    def batch(self, indices: np.ndarray, device: torch.device, rng: np.random.Generator | None = None) -> Any:
+        ...
+
+
+class TensorInputs:
+    """Inputs held in one tensor (tower features ``[n, f]``, or raw images): rows by position."""
+
+    def __init__(self, x: torch.Tensor, from_features: bool = True) -> None:
+        self.x, self.from_features = x, from_features
+        self.item_features = x if from_features else None
+
+    def batch(self, indices: np.ndarray, device: torch.device, rng: np.random.Generator | None = None) -> Any:
+        return self.x[torch.as_tensor(np.asarray(indices), dtype=torch.long)].to(device)
+
+
+@dataclass
+class TrainData:
+    """What ``fit`` trains on.
+
+    Attributes:
+        inputs: ``{"image": Inputs, "text": Inputs}``, addressed by item position.
+        train: ``[n]`` positions of the training items.
+        labels: ``[n_items, L]`` multi-hot labels of every position (``L = 0``: relevance is
+            "same item", as for captions-only data).
+        val: positions of the validation items (none: no selection, the last epoch is kept).
+    """
+
+    inputs: dict[str, Inputs]
+    train: np.ndarray
+    labels: np.ndarray
+    val: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+@dataclass
+class FitOptions:
+    """The schedule: epochs, steps, optimiser, selection. See ``TrainConfig`` for meanings."""
+
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    patience: int = 8
+    eval_every: int = 1
+    seed: int = 0
+    text_variants: bool = True
+    device: str = "cpu"
+
+    @classmethod
+    def from_config(cls, train: Any) -> FitOptions:
+        """The options of a ``TrainConfig`` (``device: auto`` resolved)."""
+        names = [f for f in cls.__dataclass_fields__ if f != "device"]
+        return cls(**{f: getattr(train, f) for f in names}, device=str(resolve_device(train.device)))
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores: epoch counters, the history and the best model so far."""
+
+    epoch: int = 0
+    best_epoch: int = -1
+    best_score: float = -1.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class Progress:
+    """The state of the loop at the end of an epoch, as ``on_epoch`` sees it (and ``resume`` takes)."""
+
+    state: TrainState
+    optimizer: torch.optim.Optimizer | None
+    buffers: dict[str, torch.Tensor]  # "image" -> F [n, bits], "text" -> G [n, bits]
+    B: torch.Tensor  # [n, bits] in {-1, +1}
+    last: bool = False
+    model_state: dict[str, torch.Tensor] | None = None  # for resume: the current model and loss
+    optimizer_state: dict[str, Any] | None = None  # for resume
+
+
+class ResumeError(ValueError):
+    """Saved progress that does not fit the model, loss or optimiser it is resumed into."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def trainable_state(
+    model: TwoTowerHasher, loss: HashLoss, frozen: dict[str, bool]
+) -> dict[str, torch.Tensor]:
+    """Parameters and buffers that training changes (``model.*``, ``loss.*``), less frozen towers."""
+    state = {}
+    skip = tuple(f"{m}_tower." for m in MODALITIES if frozen.get(m))
+    for key, value in model.state_dict().items():
+        if not key.startswith(skip):
+            state[f"model.{key}"] = value.detach().clone().contiguous()
+    for key, value in loss.state_dict().items():
+        state[f"loss.{key}"] = value.detach().clone().contiguous()
+    return state
+
+
+def load_trainable_state(model: TwoTowerHasher, loss: HashLoss, state: dict[str, torch.Tensor]) -> None:
+    """Restore ``trainable_state``. Raises ``ValueError`` when it does not fit the model."""
+    model_state = {k[6:]: v for k, v in state.items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(model_state, strict=False)
+    bad_missing = [k for k in missing if not k.startswith(("image_tower.", "text_tower."))]
+    if bad_missing or unexpected:
+        raise ValueError(
+            f"model weights do not match the model: missing {bad_missing}, unexpected {unexpected}"
+        )
+    loss.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("loss.")}, strict=True)
+
+
+def frozen_towers(model: TwoTowerHasher, frozen_mode: bool) -> dict[str, bool]:
+    """Which towers stay fixed (and have cached features): the pretrained ones, in frozen mode."""
+    return {m: frozen_mode and bool(getattr(getattr(model, f"{m}_tower"), "pretrained", False))
+            for m in MODALITIES}  # fmt: skip
+
+
+def encode(model: TwoTowerHasher, inputs: Inputs, indices: np.ndarray, m: str, device: torch.device,
+           rng: np.random.Generator | None = None) -> torch.Tensor:  # fmt: skip
+    """Continuous codes ``[len(indices), bits]`` of modality ``m``."""
+    x = inputs.batch(indices, device, rng)
+    enc = model.encode_image if m == "image" else model.encode_text
+    return enc(x, from_features=inputs.from_features)
+
+
+@torch.no_grad()
+def encode_all(model: TwoTowerHasher, inputs: Inputs, indices: np.ndarray, m: str, device: torch.device,
+               batch: int = 256) -> torch.Tensor:  # fmt: skip
+    """``encode`` in eval mode, in batches."""
+    model.eval()
+    out = [encode(model, inputs, indices[s : s + batch], m, device) for s in range(0, len(indices), batch)]
+    return torch.cat(out) if out else torch.zeros(0, model.bits, device=device)
+
+
+def make_optimizer(model: TwoTowerHasher, loss: HashLoss, options: FitOptions) -> torch.optim.Optimizer:
+    params = [p for p in list(model.parameters()) + list(loss.parameters()) if p.requires_grad]
+    if options.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=options.lr, momentum=0.9, weight_decay=options.weight_decay)
+    return torch.optim.Adam(params, lr=options.lr, weight_decay=options.weight_decay)
+
+
+def fit(
+    model: TwoTowerHasher,
+    loss: HashLoss,
+    data: TrainData,
+    options: FitOptions | None = None,
+    *,
+    resume: Progress | None = None,
+    on_epoch: Callable[[Progress], None] | None = None,
+    frozen: dict[str, bool] | None = None,
+    progress: bool = False,
+) -> TrainState:
+    """Train ``model`` with ``loss`` on ``data``; return the state (history, best epoch and score).
+
+    Args:
+        resume: a ``Progress`` saved by ``on_epoch`` (with ``model_state`` and
+            ``optimizer_state``): training continues after its epoch. ``ResumeError`` when
+            it does not fit.
+        on_epoch: called after every epoch (``last`` set on the final one), e.g. to checkpoint.
+        frozen: towers whose weights ``trainable_state`` leaves out (frozen pretrained towers).
+        progress: show a progress bar over epochs.
+
+    Returns:
+        The final ``TrainState``; the model holds the best validated weights (the last
+        epoch's without validation items) and the loss's activation and bit weights.
+    """
+    opts = options or FitOptions()
+    device = torch.device(opts.device)
+    frozen = frozen or {m: False for m in MODALITIES}
+    torch.manual_seed(opts.seed)
+    model.activation = loss.activation
+    model.to(device)
+    loss.to(device)
+    train = np.asarray(data.train)
+    sim = _similarity(data.labels, train, device)
+    loss.prepare(len(train), model.bits, sim)  # may create the loss's own parameters
+    loss.to(device=device, dtype=_dtype(model))
+    opt = make_optimizer(model, loss, opts)
+    feats = {m: None if src.item_features is None else src.item_features[torch.as_tensor(train)]
+             for m, src in data.inputs.items()}  # fmt: skip
+    state = TrainState()
+    if loss.init_heads(model, feats):
+        state.best_state = trainable_state(model, loss, frozen)
+        model.set_bit_weights(loss.bit_weights())
+        return state
+    buffers = {m: encode_all(model, data.inputs[m], train, m, device) for m in MODALITIES}
+    B = loss.update_codes(buffers["image"], buffers["text"])
+    if resume is not None:
+        state, buffers, B = _restore(model, loss, opt, resume, device)
+        log.info("resumed from epoch %d", state.epoch)
+    bar = tqdm(range(state.epoch, opts.epochs), desc="train", unit="epoch", disable=not progress)
+    for epoch in bar:
+        started = time.perf_counter()
+        terms: dict[str, float] = {}
+        for m in MODALITIES:
+            other = "text" if m == "image" else "image"
+            step = _Step(model, loss, data.inputs[m], train, sim, opt, opts, device)
+            for name, value in step.run(m, epoch, buffers, buffers[other], B).items():
+                terms[f"{m}/{name}"] = value
+        B = loss.update_codes(buffers["image"], buffers["text"])
+        record = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - started, 3), **terms}
+        if (epoch + 1) % opts.eval_every == 0 or epoch + 1 == opts.epochs:
+            record.update(validate(model, loss, data, device))
+            if record.get("val_map", -1.0) > state.best_score:
+                state.best_score, state.best_epoch = record["val_map"], epoch  # 0-based
+                state.best_state = trainable_state(model, loss, frozen)
+        state.history.append(record)
+        state.epoch = epoch + 1
+        val = record.get("val_map", float("nan"))
+        bar.set_postfix(loss=f"{sum(terms.values()):.4f}", val_map=f"{val:.3f}")
+        log.info("epoch %s", json.dumps(record))
+        stop = epoch - state.best_epoch >= opts.patience and state.best_epoch >= 0
+        if on_epoch is not None:
+            on_epoch(Progress(state, opt, buffers, B, last=stop or epoch + 1 == opts.epochs))
+        if stop:
+            log.info("early stop at epoch %d (best %d)", epoch + 1, state.best_epoch + 1)
+            break
+    if state.best_state is not None:
+        load_trainable_state(model, loss, state.best_state)
+    model.set_bit_weights(None if loss.bit_weights() is None else loss.bit_weights().detach().cpu())
+    return state
+
+
+class _Step:
+    """One pass of steps on one tower, with the other modality's codes and B fixed."""
+
+    def __init__(self, model, loss, inputs, train, sim, opt, opts, device) -> None:  # noqa: ANN001
+        self.model, self.loss, self.inputs, self.train, self.sim = model, loss, inputs, train, sim
+        self.opt, self.opts, self.device = opt, opts, device
+
+    def run(self, m: str, epoch: int, buffers: dict[str, torch.Tensor], other: torch.Tensor,
+            B: torch.Tensor) -> dict[str, float]:  # fmt: skip
+        self.model.train()
+        rng = np.random.default_rng([self.opts.seed, epoch, MODALITIES.index(m)])
+        order = rng.permutation(len(self.train))
+        sums: dict[str, float] = {}
+        bs = self.opts.batch_size
+        for s in range(0, len(order), bs):
+            pos = torch.as_tensor(order[s : s + bs], device=self.device)
+            items = self.train[pos.cpu().numpy()]
+            variant_rng = rng if self.opts.text_variants else None
+            codes = encode(self.model, self.inputs, items, m, self.device, variant_rng)
+            terms = self.loss(LossBatch(m, codes, pos, buffers[m], other, B, self.sim))
+            total = sum(terms.values())
+            self.opt.zero_grad(set_to_none=True)
+            total.backward()
+            self.opt.step()
+            buffers[m][pos] = codes.detach()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(pos) / len(order)
+        return sums
+
+
+@torch.no_grad()
+def validate(
+    model: TwoTowerHasher, loss: HashLoss, data: TrainData, device: torch.device
+) -> dict[str, float]:
+    """mAP (stable ranking) of the validation items as queries against the training items.
+
+    For "same item" relevance the validation items are their own database. Returns
+    ``{"val_map_i2t", "val_map_t2i", "val_map"}`` (their mean), or ``{}`` without validation items.
+    """
+    val, train = np.asarray(data.val), np.asarray(data.train)
+    if len(val) == 0:
+        return {}
+    db = val if data.labels.shape[1] == 0 else train
+    codes = {
+        f"{w}_{m}": sign(encode_all(model, data.inputs[m], idx, m, device).cpu().numpy())
+        for w, idx in (("query", val), ("db", db))
+        for m in MODALITIES
+    }
+    weights = loss.bit_weights()
+    res = evaluate_directions(
+        codes, **relevance_args(data.labels, val, db), directions=("i2t", "t2i"), ks=(),
+        tie_aware=False,  # selection needs one number per epoch: the stable mAP
+        pr_radius=False, bit_weights=None if weights is None else weights.detach().cpu().numpy(),
+    )  # fmt: skip
+    out = {f"val_map_{d}": float(v["map"]) for d, v in res.items()}
+    out["val_map"] = float(np.mean(list(out.values())))
+    return out
+
+
+def _similarity(labels: np.ndarray, train: np.ndarray, device: torch.device) -> Similarity:
+    lab = torch.from_numpy(np.asarray(labels)[train].astype(np.float32)) if labels.shape[1] else None
+    return Similarity(lab.to(device) if lab is not None else None, len(train))
+
+
+def _dtype(model: TwoTowerHasher) -> torch.dtype:
+    return next((p.dtype for p in model.image_head.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _restore(model: TwoTowerHasher, loss: HashLoss, opt: torch.optim.Optimizer, saved: Progress,
+             device: torch.device) -> tuple[TrainState, dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
+    try:
+        if saved.model_state is not None:
+            load_trainable_state(model, loss, saved.model_state)
+        if saved.optimizer_state is not None:
+            opt.load_state_dict(saved.optimizer_state)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise ResumeError(f"the saved progress does not fit: {exc}") from None
+    buffers = {m: b.to(device) for m, b in saved.buffers.items()}
+    return saved.state, buffers, saved.B.to(device)

@@ -1,0 +1,241 @@
+"""The train job: a recipe into a run folder, around the library's ``fit``.
+
+It opens the dataset, makes and saves the splits, fits a text vocabulary when the text
+tower has one, extracts (or reuses) the cached features of frozen towers, calls
+``crossmodal.fit.fit``, checkpoints every ``train.checkpoint_every`` epochs so that
+``--resume`` can continue, and finally writes the model and the manifest in one
+``RunUpdate``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from crossmodal.config import Config, settings_differences, training_settings
+from crossmodal.data import DATASETS, CrossModalDataset, open_dataset
+from crossmodal.data.splits import make_splits
+from crossmodal.features import FeatureRequest, ModalityInputs, extract_all, item_texts, tower_description
+from crossmodal.fit import (
+    MODALITIES,
+    FitOptions,
+    Progress,
+    ResumeError,
+    TrainData,
+    TrainState,
+    fit,
+    frozen_towers,
+    resolve_device,
+    trainable_state,
+)
+from crossmodal.io import atomic_path, write_json_atomic
+from crossmodal.losses import LOSSES, create_loss, list_losses
+from crossmodal.models.hasher import TwoTowerHasher
+from crossmodal.models.image import IMAGE_TOWERS
+from crossmodal.models.text import TEXT_TOWERS
+from crossmodal.runs.folder import RunError, RunUpdate, invalidate_products
+from crossmodal.runs.model import build_model, model_spec, save_model
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"
+
+
+def check_names(cfg: Config) -> None:
+    """Fail before any work when the config names an unknown dataset, tower or loss."""
+    list_losses()
+    DATASETS.get(cfg.data.name)
+    IMAGE_TOWERS.get(cfg.model.image_tower)
+    if not cfg.model.text_tower.startswith("hf:"):
+        TEXT_TOWERS.get(cfg.model.text_tower)
+    LOSSES.get(cfg.loss.name)
+
+
+def train_run(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
+    """Train the recipe ``cfg`` into ``cfg.run_dir`` and return the run folder.
+
+    Raises:
+        UnknownNameError: the recipe names an unknown dataset, tower or loss (before any work).
+        RunError: ``resume`` with a checkpoint that is torn or from another recipe.
+    """
+    check_names(cfg)
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    invalidate_products(run_dir, model=True)
+    if not resume and (run_dir / CHECKPOINT).is_dir():  # another training's: never resumed by mistake
+        shutil.rmtree(run_dir / CHECKPOINT)
+    torch.manual_seed(cfg.train.seed)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    started = time.perf_counter()
+    dataset = open_dataset(cfg.data.name, cfg.data.options)
+    d = cfg.data
+    splits = make_splits(dataset, n_query=d.n_query, n_train=d.n_train, seed=d.seed, n_val=d.n_val)
+    splits.save(run_dir / "splits.json")
+    cfg.dump(run_dir / "config.yaml")
+    model = build_model(cfg, dataset.info)
+    loss = create_loss(cfg.loss.name, **cfg.loss.params)
+    frozen = frozen_towers(model, cfg.train.mode == "frozen")
+    options = FitOptions.from_config(cfg.train)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    inputs = prepare_inputs(cfg, model, dataset, splits.train, frozen, options.device, progress)
+    timings["features"] = round(time.perf_counter() - t0, 3)
+    data = TrainData(inputs, splits.train, dataset.labels_matrix(), splits.val)
+    checkpoints = Checkpoints(run_dir, cfg, model, loss, frozen)
+    t0 = time.perf_counter()
+    try:
+        state = fit(model, loss, data, options, resume=checkpoints.load(options.device) if resume else None,
+                    on_epoch=checkpoints.on_epoch, frozen=frozen, progress=progress)  # fmt: skip
+    except ResumeError as exc:
+        hint = "remove that folder to train from scratch"
+        raise RunError(f"cannot resume from {checkpoints.dir}: {exc}; {hint}") from None
+    timings["epochs"] = round(time.perf_counter() - t0, 3)
+    seconds = time.perf_counter() - started
+    with RunUpdate(run_dir) as update:
+        save_model(update, model, model_spec(cfg, dataset.info), frozen)
+        write_json_atomic(update.path("train_log.json"), {
+            "history": state.history, "best_epoch": state.best_epoch + 1, "best_val_map": state.best_score,
+            "seconds": seconds, "timings": timings})  # fmt: skip
+        update.adopt("config.yaml", "splits.json")
+        update.commit(
+            bits=model.bits, image_tower=cfg.model.image_tower, text_tower=cfg.model.text_tower,
+            loss=cfg.loss.name, train_seconds=round(seconds, 2), best_val_map=state.best_score, frozen=frozen,
+            dataset={"name": dataset.name, "fingerprint": dataset.fingerprint(), "items": len(dataset)},
+            dataset_info={k: v for k, v in dataset.info.__dict__.items() if k not in ("stats",)},
+        )  # fmt: skip
+    log.info("trained %s in %.1f s; best validation mAP %.4f", run_dir, seconds, state.best_score)
+    return run_dir
+
+
+def prepare_inputs(
+    cfg: Config,
+    model: TwoTowerHasher,
+    dataset: CrossModalDataset,
+    train_idx: Any,
+    frozen: dict[str, bool],
+    device: str,
+    progress: bool = True,
+) -> dict[str, ModalityInputs]:
+    """Fit the text vocabulary (if any) and cache the frozen towers' features; inputs per modality."""
+    texts = item_texts(dataset)
+    if getattr(model.text_tower, "needs_fit", False) and not dataset.info.bow_dim:
+        model.text_tower.fit([texts[i] for i in train_idx])
+    towers = {"image": model.image_tower, "text": model.text_tower}
+    requests = []
+    for m, tower in towers.items():
+        if frozen[m]:
+            tower.set_trainable(0)
+            requests.append(FeatureRequest(m, tower, tower_description(cfg, m)))
+        elif cfg.train.trainable_blocks is not None and getattr(tower, "pretrained", False):
+            tower.set_trainable(cfg.train.trainable_blocks)
+    cache, fbs = cfg.train.cache_dir, cfg.train.feature_batch_size
+    cached = extract_all(dataset, requests, cache, fbs, torch.device(device), True, progress)
+    out = {}
+    for m, tower in towers.items():
+        feats, offsets = cached.get(m, (None, None))
+        out[m] = ModalityInputs(m, dataset, tower, feats, texts if m == "text" else None, offsets)
+    return out
+
+
+class Checkpoints:
+    """``<run>/checkpoint/``: the loop's state every ``train.checkpoint_every`` epochs and at the last.
+
+    Two files: ``state.safetensors`` (current and best weights, the F, G and B buffers,
+    the optimiser's tensors) and ``state.json`` (the recipe's settings, counters, history).
+    The epoch is written into both, so a crash between the two writes is detected on resume.
+    """
+
+    def __init__(self, run_dir: Path, cfg: Config, model: TwoTowerHasher, loss: Any,
+                 frozen: dict[str, bool]) -> None:  # fmt: skip
+        self.dir, self.cfg = run_dir / CHECKPOINT, cfg
+        self.model, self.loss, self.frozen = model, loss, frozen
+
+    def on_epoch(self, p: Progress) -> None:
+        if p.state.epoch % self.cfg.train.checkpoint_every == 0 or p.last:
+            self.save(p)
+
+    def save(self, p: Progress) -> None:
+        state = p.state
+        tensors = {f"cur.{k}": v for k, v in trainable_state(self.model, self.loss, self.frozen).items()}
+        if state.best_state is not None:
+            tensors.update({f"best.{k}": v for k, v in state.best_state.items()})
+        tensors.update({f"buf.{m}": p.buffers[m].cpu() for m in MODALITIES})
+        tensors["buf.B"] = p.B.cpu()
+        opt_state = p.optimizer.state_dict()
+        for pid, st in opt_state["state"].items():
+            for name, v in st.items():
+                tensors[f"opt.{pid}.{name}"] = torch.as_tensor(v).detach().cpu().contiguous()
+        with atomic_path(self.dir / "state.safetensors") as tmp:
+            tensors = {k: v.contiguous() for k, v in tensors.items()}
+            save_file(tensors, str(tmp), metadata={"epoch": str(state.epoch)})
+        meta = {"settings": training_settings(self.cfg), "epoch": state.epoch, "best_epoch": state.best_epoch,
+                "best_score": state.best_score, "history": state.history,
+                "param_groups": opt_state["param_groups"]}  # fmt: skip
+        write_json_atomic(self.dir / "state.json", meta)
+
+    def load(self, device: str) -> Progress | None:
+        """The saved progress, or None when there is no checkpoint.
+
+        Raises:
+            RunError: the checkpoint is torn, unreadable or written by another recipe.
+        """
+        if not self.dir.exists():
+            return None
+        meta = checkpoint_state(self.dir.parent)
+        hint = "remove that folder to train from scratch"
+        if meta is None:
+            raise RunError(f"cannot resume from {self.dir}: it is missing, unreadable or incomplete "
+                           f"(its two files are from different epochs); {hint}")  # fmt: skip
+        # a longer (or shorter) training of the same recipe may resume; anything else may not
+        resumable = {"train.epochs", "train.patience"}
+        differ = [k for k in checkpoint_differences(meta, self.cfg) if k not in resumable]
+        if differ:
+            raise RunError(f"cannot resume from {self.dir}: it was written by another recipe (differs in "
+                           f"{', '.join(differ)}); {hint}")  # fmt: skip
+        try:
+            tensors = load_file(str(self.dir / "state.safetensors"), device=str(resolve_device(device)))
+        except (OSError, SafetensorError) as exc:
+            raise RunError(f"cannot resume from {self.dir}: {exc}; {hint}") from None
+        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        state = TrainState(
+            meta["epoch"], meta["best_epoch"], meta["best_score"], meta["history"], best or None
+        )
+        opt_state: dict[str, Any] = {"state": {}, "param_groups": meta["param_groups"]}
+        for key, v in tensors.items():
+            if key.startswith("opt."):
+                _, pid, name = key.split(".", 2)
+                opt_state["state"].setdefault(int(pid), {})[name] = v
+        buffers = {m: tensors[f"buf.{m}"] for m in MODALITIES}
+        current = {k[4:]: v for k, v in tensors.items() if k.startswith("cur.")}
+        return Progress(
+            state, None, buffers, tensors["buf.B"], model_state=current, optimizer_state=opt_state
+        )
+
+
+def checkpoint_state(run_dir: Path) -> dict[str, Any] | None:
+    """The metadata of ``run_dir``'s checkpoint if it is whole (both files of one epoch), else None."""
+    ck = Path(run_dir) / CHECKPOINT
+    try:
+        meta = json.loads((ck / "state.json").read_text(encoding="utf-8"))
+        with safe_open(str(ck / "state.safetensors"), framework="pt") as fh:
+            epoch = (fh.metadata() or {}).get("epoch")
+    except (OSError, ValueError, SafetensorError):
+        return None
+    return meta if isinstance(meta, dict) and epoch == str(meta.get("epoch")) else None
+
+
+def checkpoint_differences(meta: dict[str, Any], cfg: Config) -> list[str]:
+    """Settings in which the recipe that wrote a checkpoint differs from ``cfg`` (all if unknown)."""
+    saved = meta.get("settings")
+    if not isinstance(saved, dict):
+        return ["(a checkpoint without its recipe)"]
+    return settings_differences(saved, training_settings(cfg))
