@@ -23,12 +23,13 @@ $(STAMP): pyproject.toml | $(PY)
 	@touch $@
 
 # One process does every step (build, train, index, evaluate; each skipped when done),
-# so torch, transformers and the towers load once; make demo then serves in that process.
+# so torch, transformers and the towers load once; make demo then serves in that process
+# (crossmodal serve, the same as python app.py).
 run: $(STAMP)
 	@$(CM) prepare --config $(RECIPE)
 
 demo: $(STAMP)
-	@$(PY) app.py --config $(RECIPE)
+	@$(CM) serve --config $(RECIPE)
 
 test: $(STAMP)
 	@$(PY) -m pytest -q -p no:cacheprovider

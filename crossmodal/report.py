@@ -90,10 +90,6 @@ def flatten_metrics(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
             if isinstance(v, (int, float, np.integer, np.floating))}
 
 
-def _directions_of(metrics: Mapping[str, Any]) -> list[str]:
-    return [d for d in DIRECTIONS if d in metrics]
-
-
 def to_jsonable(obj: Any) -> Any:
     """Numpy arrays and scalars (also nested in dicts and lists) as plain JSON types."""
     if isinstance(obj, Mapping):

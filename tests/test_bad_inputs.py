@@ -545,6 +545,7 @@ def served(app_module, engine):
         demo.close()
 
 
+@pytest.mark.slow
 def test_bad_uploads_over_http_give_messages_and_the_app_stays_up(served, tmp_path):
     from gradio_client import handle_file
 

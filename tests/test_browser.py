@@ -46,6 +46,7 @@ def screenshot(page, path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_keywords_show_images_and_an_upload_shows_captions(app_url, tmp_path):
     from playwright.sync_api import expect, sync_playwright

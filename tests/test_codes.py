@@ -95,3 +95,23 @@ def test_weighted_hamming_hand_case_and_unit_weights():
     np.testing.assert_allclose(
         weighted_hamming(a, b, np.ones(16)), hamming_distances(pack_codes(a), pack_codes(b))
     )
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64])
+def test_popcount_without_numpy_2_matches(monkeypatch, dtype):
+    """pyproject allows NumPy 1.24: the lookup-table path must equal np.bitwise_count."""
+    from crossmodal import codes, evaluate
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, np.iinfo(dtype).max, size=(7, 5), dtype=dtype, endpoint=True)
+    expected = np.array([[bin(int(v)).count("1") for v in row] for row in x])
+    assert np.array_equal(codes.popcount(x), expected)
+    q = rng.choice([-1, 1], size=(6, 64)).astype(np.int8)
+    db = rng.choice([-1, 1], size=(40, 64)).astype(np.int8)
+    lab = rng.integers(0, 2, size=(46, 5))
+    before = evaluate.map_at_all(q, db, query_labels=lab[:6], db_labels=lab[6:])
+    monkeypatch.delattr(np, "bitwise_count", raising=False)
+    assert np.array_equal(codes.popcount(x), expected)
+    assert evaluate.map_at_all(q, db, query_labels=lab[:6], db_labels=lab[6:]) == before
+    with pytest.raises(ValueError, match="unsigned"):
+        codes.popcount(np.array([1, 2], dtype=np.int32))

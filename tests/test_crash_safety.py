@@ -194,6 +194,7 @@ KILL_POINTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill", list(KILL_POINTS))
 def test_add_killed_during_commit_recovers_and_reruns_once(kill, tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path / "run")
@@ -229,6 +230,7 @@ def test_add_killed_during_commit_recovers_and_reruns_once(kill, tiny_run, tmp_p
         engine.close()
 
 
+@pytest.mark.slow
 def test_reindex_killed_between_renames_is_refused_then_completed(tiny_run, tmp_path):
     """Re-indexing as HNSW, killed when image.index is HNSW and text.index still flat."""
     run = copy_run(tiny_run, tmp_path / "run")
@@ -249,6 +251,7 @@ def test_reindex_killed_between_renames_is_refused_then_completed(tiny_run, tmp_
         engine.close()
 
 
+@pytest.mark.slow
 def test_add_killed_by_the_test_once_writing_started(tiny_run, tmp_path):
     """A real kill from outside: poll until the job has written its dataset, then SIGKILL it."""
     run = copy_run(tiny_run, tmp_path / "run")
@@ -281,6 +284,7 @@ def test_add_killed_by_the_test_once_writing_started(tiny_run, tmp_path):
 
 
 # -- killed dataset builds ----------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("kill", ["after_arrow_written", "after_old_moved_aside"])
 def test_killed_dataset_build_leaves_nothing_that_looks_complete(kill, tmp_path, monkeypatch):
     from crossmodal.data import open_dataset

@@ -216,6 +216,7 @@ def test_stable_map_matches_a_plain_reference():
     assert map_at_all(q, db, query_labels=lq, db_labels=ldb) == pytest.approx(np.mean(aps))
 
 
+@pytest.mark.slow
 def test_large_database_bounded_memory():
     """200,000 x 2,000 queries, 16-bit codes: the peak stays far below one full distance matrix."""
     rng = np.random.default_rng(0)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from PIL import Image
 from tinyrun import tiny_config
@@ -15,6 +16,7 @@ def write_recipe(workdir, path):
     return path
 
 
+@pytest.mark.slow
 def test_grid_trains_evaluates_resumes_and_survives_a_failing_cell(workdir, tmp_path, capsys):
     recipe = write_recipe(workdir, tmp_path / "tiny.yaml")
     out = tmp_path / "grid"

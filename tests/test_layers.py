@@ -149,7 +149,9 @@ def test_the_tree_before_the_layering_step_would_fail(tmp_path):
     assert len(bad) == 2 and "core rank 2 may not import rank 3" in bad[0] and "inside a function" in bad[1]
 
 
-@pytest.mark.parametrize("module", ["crossmodal.serving", "crossmodal.cli"])
+@pytest.mark.parametrize(  # serving loads torch in a fresh interpreter: seconds
+    "module", [pytest.param("crossmodal.serving", marks=pytest.mark.slow), "crossmodal.cli"]
+)
 def test_serving_imports_no_training_code(module):
     code = (
         f"import sys, {module}\n"

@@ -14,6 +14,7 @@ from torch.nn import functional as nnf
 from crossmodal.baselines import fit_cca
 from crossmodal.codes import weighted_hamming
 from crossmodal.evaluate import map_at_all
+from crossmodal.fit import FitOptions, TensorInputs, TrainData, fit
 from crossmodal.losses import LossBatch, Similarity, create_loss, list_losses
 from crossmodal.losses.base import sample_columns, sample_triplets
 from crossmodal.losses.cnnh import target_codes
@@ -87,7 +88,7 @@ def test_b_step_gives_pm1_codes_of_the_training_set(name):
     assert set(B.unique().tolist()) <= {-1.0, 1.0}
 
 
-# -- a separable toy problem, trained like the trainer does ----------------------------------
+# -- a separable toy problem, trained by the trainer -----------------------------------------
 class CachedFeatures(nn.Module):
     """Stands in for a frozen pretrained tower whose features are cached."""
 
@@ -112,37 +113,16 @@ def toy_problem(n: int = 120, k: int = 4, di: int = 64, dt: int = 96, seed: int 
 
 def train_toy(name: str, feats: dict[str, torch.Tensor], labels: torch.Tensor, bits: int = 16,
               epochs: int = 15, lr: float = 1e-2, batch_size: int = 32, head: str = "linear"):
-    """The trainer's schedule: prepare, init_heads, alternating tower steps, B step per epoch."""
+    """Train with the library trainer ``fit``: the same alternating schedule as every run."""
     torch.manual_seed(0)
     n = labels.shape[0]
     loss = create_loss(name)
     model = TwoTowerHasher(CachedFeatures(feats["image"].shape[1]), CachedFeatures(feats["text"].shape[1]),
                            bits, head=head).double()
-    model.activation = loss.activation
-    sim = Similarity(labels, n)
-    loss.prepare(n, bits, sim)
-
-    def encode(m: str, x: torch.Tensor) -> torch.Tensor:
-        return (model.encode_image if m == "image" else model.encode_text)(x, from_features=True)
-
-    if not loss.init_heads(model, feats):
-        loss.double()
-        opt = torch.optim.Adam(list(model.parameters()) + list(loss.parameters()), lr=lr)
-        with torch.no_grad():
-            buffers = {m: encode(m, x) for m, x in feats.items()}
-        B = loss.update_codes(buffers["image"], buffers["text"])
-        for epoch in range(epochs):
-            for step, (m, other) in enumerate((("image", "text"), ("text", "image"))):
-                order = np.random.default_rng([0, epoch, step]).permutation(n)
-                for s in range(0, n, batch_size):
-                    pos = torch.as_tensor(order[s : s + batch_size])
-                    codes = encode(m, feats[m][pos])
-                    terms = loss(LossBatch(m, codes, pos, buffers[m], buffers[other], B, sim))
-                    opt.zero_grad()
-                    sum(terms.values()).backward()
-                    opt.step()
-                    buffers[m][pos] = codes.detach()
-            B = loss.update_codes(buffers["image"], buffers["text"])
+    data = TrainData(inputs={m: TensorInputs(x) for m, x in feats.items()}, train=np.arange(n),
+                     labels=labels.numpy())
+    options = FitOptions(epochs=epochs, lr=lr, batch_size=batch_size, seed=0, text_variants=False)
+    fit(model, loss, data, options)  # moves the loss to the model's dtype
     return model, loss
 
 

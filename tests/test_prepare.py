@@ -53,6 +53,7 @@ def set_format(run, version) -> None:
     (run / "manifest.json").write_text(json.dumps(manifest))
 
 
+@pytest.mark.slow
 def test_runs_of_another_format_are_refused_and_prepare_retrains_older_ones(workdir, capsys):
     from crossmodal import RUN_FORMAT_VERSION
     from crossmodal.cli import main
@@ -60,13 +61,19 @@ def test_runs_of_another_format_are_refused_and_prepare_retrains_older_ones(work
     recipe = overrides(workdir, "prep_old")
     run = prepare_run(None, recipe, progress=False, say=lambda s: None)
     set_format(run, RUN_FORMAT_VERSION + 1)  # a newer crossmodal's run: never written over
-    with pytest.raises(RunError, match=f"run format {RUN_FORMAT_VERSION + 1}"):
+    with pytest.raises(RunError, match=f"run format {RUN_FORMAT_VERSION + 1}.*upgrade crossmodal"):
         prepare_run(None, recipe, progress=False, say=lambda s: None)
     set_format(run, RUN_FORMAT_VERSION - 1)  # an older one (format 1: the model needed its loss to load)
+    capsys.readouterr()
     assert main(["search", "--run", str(run), "--text", "red"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"run format {RUN_FORMAT_VERSION - 1}" in err
-    assert err.endswith(f"re-train it with: crossmodal train --config {run / 'config.yaml'}")
+    command = (f"crossmodal prepare --config {run / 'config.yaml'} "
+               f"--set runs_dir={run.parent} --set name={run.name}")
+    assert err.endswith(f"rebuild it with: {command}")
+    assert main(command.split()[1:]) == 0  # the command it names rebuilds the run in place
+    assert main(["search", "--run", str(run), "--text", "red"]) == 0
+    set_format(run, RUN_FORMAT_VERSION - 1)
     said: list[str] = []
     prepare_run(None, recipe, progress=False, say=said.append)
     assert "retraining it" in next(s for s in said if s.startswith("[2/4]"))
@@ -242,6 +249,7 @@ def unlist_model(run) -> None:
     (run / "manifest.json").write_text(json.dumps(manifest))
 
 
+@pytest.mark.slow
 def test_every_is_it_done_check_agrees_on_an_unlisted_model(workdir, tmp_path, capsys):
     import yaml
 

@@ -109,3 +109,13 @@ def test_retraining_an_indexed_run_removes_its_stale_indexes(tiny_run, workdir, 
     assert not (tmp_path / "tiny" / "images").exists()  # thumbnails by item id: maybe another dataset now
     with pytest.raises(RunError, match="crossmodal index"):
         RetrievalEngine.load(tmp_path / "tiny")
+
+
+def test_training_over_a_corrupt_manifest_starts_afresh(workdir):
+    from crossmodal.jobs.train import train_run
+    from crossmodal.runs.state import is_trained
+
+    cfg = tiny_config(workdir, "name=corrupt_manifest", "train.epochs=2")
+    run = train_run(cfg, progress=False)
+    (run / "manifest.json").write_text("{")
+    assert train_run(cfg, progress=False) == run and is_trained(run)

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny synthetic dataset, a tiny frozen image tower, and a trained tiny run.
+"""A tiny synthetic dataset and a tiny frozen image tower for the fixtures of ``conftest.py``.
 
 The dataset has 4 colour classes; each item is a small solid-colour picture with some
 noise and a caption naming its colour and a shape. Labels are the colour plus the shape,

@@ -61,6 +61,12 @@ def read_manifest(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise RunError(f"{path} is corrupt ({exc}); re-run: crossmodal train") from None
 
 
+def rebuild_command(run_dir: str | os.PathLike[str]) -> str:
+    """The command that trains, indexes and evaluates ``run_dir`` again from its own recipe, in place."""
+    run = Path(run_dir)
+    return f"crossmodal prepare --config {run / 'config.yaml'} --set runs_dir={run.parent} --set name={run.name}"
+
+
 def check_run(
     run_dir: str | os.PathLike[str],
     need: tuple[str, ...] = (),
@@ -83,10 +89,11 @@ def check_run(
     version = manifest.get("format_version")
     if version != RUN_FORMAT_VERSION:
         older = isinstance(version, int) and version < RUN_FORMAT_VERSION
+        what = f"rebuild it with: {rebuild_command(run_dir)}" if older else "upgrade crossmodal to read it"
         raise RunFormatError(
             f"{run_dir} was written with run format {version} (crossmodal "
             f"{manifest.get('crossmodal_version')}); this crossmodal {__version__} reads format "
-            f"{RUN_FORMAT_VERSION}: re-train it with: crossmodal train --config {Path(run_dir) / 'config.yaml'}",
+            f"{RUN_FORMAT_VERSION}: {what}",
             older=older,
         )
     if bits is not None and manifest.get("bits") != bits:
@@ -300,13 +307,14 @@ def invalidate_products(run_dir: str | os.PathLike[str], model: bool = False) ->
     if (run_dir / MANIFEST).exists():  # first: the manifest no longer vouches for them
         try:
             listed = json.loads((run_dir / MANIFEST).read_text(encoding="utf-8")).get("files", {})
-        except (OSError, ValueError):
-            listed = {}
+        except (OSError, ValueError, AttributeError):  # unreadable: it vouches for nothing
+            (run_dir / MANIFEST).unlink()
+    if (run_dir / MANIFEST).exists():
         with RunUpdate(run_dir) as update:
             update.forget(*INDEX_FILES, *EVAL_FILES)
             if model:
                 update.forget(*[n for n in listed if n not in KEPT_ON_RETRAIN])
-            update.commit(drop=("index", "eval", *(("model",) if model else ())))
+            update.commit(drop=("index", "eval"))
     for name in removed:
         (run_dir / name).unlink(missing_ok=True)
     for folder in ("eval", "images"):  # thumbnails are named by item id: stale for another dataset

@@ -1,0 +1,162 @@
+"""``crossmodal serve`` from a built wheel, not from the checkout.
+
+The wheel is built from a copy of the packaging inputs (``pyproject.toml``, ``README.md``,
+``crossmodal/``), so that the build writes nothing into the shared checkout, and installed
+with ``pip install --no-deps --target`` into a temporary folder: a fresh venv would copy
+gigabytes of torch. The server then runs with this venv's python in isolated mode (``-I``)
+from another folder. The checkout is installed editable into the venv, so the child also
+drops the editable finder (which would otherwise supply any module missing from the wheel)
+and an audit hook reports every file it opens from the checkout; only the venv itself,
+which lives inside the checkout, may be read. ``tiny_pool`` and ``tiny_colours`` are
+test-only registrations: the child imports a copy of ``tinyrun.py`` from a temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+from test_app import free_port
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "tests"
+PACKAGING_INPUTS = ("pyproject.toml", "README.md")
+STARTUP_TIMEOUT_S = 120
+CHECKOUT_MARK = "OPENED FROM THE CHECKOUT:"
+
+# Runs in the child: argv = target, plugins folder, checkout, venv, then the CLI arguments.
+CHILD = textwrap.dedent(
+    f"""
+    import sys
+    target, plugins, checkout, venv, argv = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+
+    def audit(event, args):
+        if event == "open" and isinstance(args[0], str):
+            if args[0].startswith(checkout + "/") and not args[0].startswith(venv + "/"):
+                sys.stderr.write({CHECKOUT_MARK!r} + " " + args[0] + "\\n")
+
+    sys.addaudithook(audit)
+    sys.meta_path[:] = [f for f in sys.meta_path if not f.__module__.startswith("__editable__")]
+    sys.path_hooks[:] = [h for h in sys.path_hooks if not h.__module__.startswith("__editable__")]
+    sys.path[:0] = [target, plugins]
+    import crossmodal
+    print("crossmodal imported from", crossmodal.__file__, flush=True)
+    import tinyrun  # noqa: F401  (registers tiny_colours and tiny_pool)
+    from importlib.metadata import distributions
+
+    (dist,) = [d for d in distributions(path=[target]) if d.metadata["Name"] == "crossmodal"]
+    (script,) = [e for e in dist.entry_points if e.group == "console_scripts" and e.name == "crossmodal"]
+    sys.exit(script.load()(argv))
+    """
+)
+
+
+def child_env() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel of the package as it is in the checkout now (uncommitted files included)."""
+    root = tmp_path_factory.mktemp("wheel")
+    src, dist = root / "src", root / "dist"
+    no_bytecode = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(ROOT / "crossmodal", src / "crossmodal", ignore=no_bytecode)
+    for name in PACKAGING_INPUTS:
+        shutil.copy2(ROOT / name, src / name)
+    pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(src))
+    (built,) = dist.glob("crossmodal-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory) -> Path:
+    """The folder the wheel is installed into (``pip install --target``)."""
+    target = tmp_path_factory.mktemp("site") / "target"
+    pip("install", "--no-deps", "--target", str(target), str(wheel))
+    return target
+
+
+def pip(*args: str) -> None:
+    cmd = [sys.executable, "-m", "pip", *args, "--no-index", "--disable-pip-version-check", "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+
+def test_wheel_holds_the_package_and_nothing_else(wheel):
+    dist_info = wheel.name.split("-py")[0] + ".dist-info"  # crossmodal-0.1.0.dist-info
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        entry_points = zf.read(f"{dist_info}/entry_points.txt").decode()
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "crossmodal").rglob("*.py")}
+    assert modules <= set(names), sorted(modules - set(names))
+    assert "crossmodal/app.py" in names and "app.py" not in names  # the root app.py only launches it
+    assert {n.split("/")[0] for n in names} == {"crossmodal", dist_info}, names
+    assert not any(Path(n).name in ("conftest.py", "tinyrun.py") or "tests/" in n for n in names)
+    assert "crossmodal = crossmodal.cli:main" in entry_points
+
+
+def start_server(installed: Path, run: Path, port: int, folder: Path) -> tuple[subprocess.Popen, Path]:
+    """``crossmodal serve --run RUN`` from the installed copy, cwd ``folder``; output into a log."""
+    plugins = folder / "plugins"
+    plugins.mkdir()
+    shutil.copy2(TESTS / "tinyrun.py", plugins / "tinyrun.py")
+    log = folder / "serve.log"
+    argv = ["serve", "--run", str(run), "--host", "127.0.0.1", "--port", str(port), "--k", "5"]
+    venv = Path(sys.prefix).resolve()
+    cmd = [sys.executable, "-I", "-c", CHILD, str(installed), str(plugins), str(ROOT), str(venv), *argv]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=folder, env=child_env(), stdout=out, stderr=subprocess.STDOUT)
+    return proc, log
+
+
+def wait_until_up(proc: subprocess.Popen, log: Path) -> str:
+    """The URL the app prints once serving; it must answer 200."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"crossmodal serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        line = next((ln for ln in log.read_text().splitlines() if ln.startswith("crossmodal app for ")), None)
+        if line is not None:
+            url = line.split(": ", 1)[1].split(" (up ", 1)[0]
+            assert httpx.get(url, timeout=10).status_code == 200
+            return url
+        time.sleep(0.2)
+    pytest.fail(f"crossmodal serve did not start in {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+
+
+def test_installed_wheel_serves_a_run_from_another_folder(installed, tiny_run, tmp_path):
+    from gradio_client import Client
+
+    assert not (installed / "app.py").exists() and (installed / "crossmodal" / "app.py").is_file()
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    proc, log = start_server(installed, tiny_run, free_port(), folder)
+    try:
+        url = wait_until_up(proc, log)
+        *_, result = Client(url, verbose=False).predict("red", 5, api_name="/text_to_images")
+        assert result["error"] is None and len(result["hits"]) == 5, result
+        assert all("red" in h["labels"] for h in result["hits"]), [h["labels"] for h in result["hits"]]
+        proc.send_signal(signal.SIGINT)  # Ctrl+C, as the start-up line says
+        assert proc.wait(timeout=30) == 0, log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = log.read_text()
+    imported = next(ln for ln in output.splitlines() if ln.startswith("crossmodal imported from "))
+    assert Path(imported.split(" from ", 1)[1]) == installed / "crossmodal" / "__init__.py", imported
+    assert CHECKOUT_MARK not in output, output[-4000:]
