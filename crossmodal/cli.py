@@ -246,23 +246,39 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-baselines", action="store_true", help="skip the LSH and CCA-ITQ baselines")
     p.add_argument("-k", type=int, action="append", help="precision@k cut-off (repeatable; default 100)")
     p.add_argument("--if-missing", action="store_true", help="only print the table when already evaluated")
+    p.add_argument("--on", metavar="DATASET",
+                   help="transfer: score the run on another dataset whose labels match the run's by name")
+    p.add_argument("--root", help="folder or file holding the --on dataset")
+    p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="option of the --on dataset")
 
 
-@command("eval", "evaluate a run (mAP, P@k, PR curves, four directions) into <run>/eval")
+@command("eval", "evaluate a run (mAP, NDCG, P@k, keyword P@10, code statistics) into <run>/eval")
 @args_for(_eval_args)
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from crossmodal.jobs.eval import eval_run, summary_table
+    from crossmodal.jobs.eval import eval_run, summary_table, transfer_run, transfer_table
     from crossmodal.runs.state import is_evaluated
 
+    report = Path(args.run) / "eval" / "report.md"
+    ks = tuple(args.k or (100,))
+    if args.on:
+        options = _options(args.option)
+        if args.root:
+            options["root"] = args.root
+        result = transfer_run(args.run, args.on, options, baselines=not args.no_baselines, ks=ks)
+        print(transfer_table(result))
+        print(f"report: {report}")
+        return 0
+    if args.root or args.option:
+        raise ValueError("--root and -o describe the dataset of --on; give --on DATASET too")
     metrics_file = Path(args.run) / "eval" / "metrics.json"
     if args.if_missing and is_evaluated(args.run):
         rows = json.loads(metrics_file.read_text())
     else:
-        rows = eval_run(args.run, baselines=not args.no_baselines, ks=tuple(args.k or (100,)))
+        rows = eval_run(args.run, baselines=not args.no_baselines, ks=ks)
     print(summary_table(rows))
-    print(f"report: {Path(args.run) / 'eval' / 'report.md'}")
+    print(f"report: {report}")
     return 0
 
 

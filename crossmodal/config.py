@@ -36,6 +36,7 @@ class ConfigError(ValueError):
 
 # Split sizes are DataConfig keys, never builder options: a builder only declares its default protocol.
 SPLIT_SIZE_KEYS = ("n_query", "n_train", "n_val")
+SIMILARITIES = ("binary", "cosine", "jaccard")
 
 
 @dataclass
@@ -65,6 +66,13 @@ class ModelConfig:
 class LossConfig:
     name: str = "dcmh"
     params: dict[str, Any] = field(default_factory=dict)
+    # what "similar" means to the pairwise-likelihood losses (dcmh, dpsh, dhn):
+    # binary (shares a label), or graded in [0, 1]: cosine or jaccard of the label vectors
+    similarity: str = "binary"
+    # weight of an instance-level term added to any loss: each image against its own text,
+    # with the other items of the batch as negatives (InfoNCE), both directions; 0: off
+    contrastive: float = 0.0
+    temperature: float = 0.1  # of the contrastive term, on cosine similarities of the codes
 
 
 @dataclass
@@ -85,6 +93,8 @@ class TrainConfig:
     cache_dir: str = ".cache/crossmodal/features"
     checkpoint_every: int = 5  # epochs; the last epoch is always checkpointed
     text_variants: bool = True  # frozen text: each step sees the joined captions or one caption at random
+    # frozen text: the names of an item's labels ("word:cat" -> "cat") are training texts too
+    label_texts: bool = False
 
 
 @dataclass
@@ -126,6 +136,12 @@ class Config:
         for key in ("epochs", "batch_size"):
             if getattr(self.train, key) <= 0:
                 raise ConfigError(f"train.{key} must be positive (got {getattr(self.train, key)})")
+        if self.loss.similarity not in SIMILARITIES:
+            raise ConfigError(f"loss.similarity must be one of {', '.join(SIMILARITIES)} "
+                              f"(got {self.loss.similarity!r})")  # fmt: skip
+        if self.loss.contrastive < 0 or self.loss.temperature <= 0:
+            raise ConfigError("loss.contrastive must be >= 0 and loss.temperature > 0 "
+                              f"(got {self.loss.contrastive}, {self.loss.temperature})")  # fmt: skip
         for key in SPLIT_SIZE_KEYS:
             if key in self.data.options:
                 raise ConfigError(f"data.options.{key}: set split sizes with data.{key}")

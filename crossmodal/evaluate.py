@@ -50,6 +50,14 @@ item at rank i is relevant, cum_i = rel_1 + ... + rel_i):
   same convention (0 for a query that retrieves nothing). Unweighted Hamming only;
   these are sets, so stable and tie-aware agree.
 
+What a user sees
+----------------
+``rank_top_k`` gives the stable top-k lists themselves; ``keyword_precision`` scores typed
+words (``concept_words`` of the label names, relevant when a caption holds the word,
+``word_relevance``) as text queries with P@k; ``code_statistics`` counts distinct codes,
+the largest group sharing one code and the per-bit entropy; ``self_rank`` is the rank of
+each item when its own code is the query ("is my own image first?").
+
 Tie-aware closed forms
 ----------------------
 Ties form groups of equal distance. Take a group of n items, r of them relevant, that
@@ -85,6 +93,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from crossmodal.codes import pack_codes, popcount, unpack_codes, weighted_hamming
+from crossmodal.text import tokenize_words
 
 logger = logging.getLogger(__name__)
 
@@ -792,3 +801,174 @@ def average_precision(rel_sorted: Sequence[int] | np.ndarray, k: int | None = No
     else:
         den = top.sum() if norm == "retrieved" else min(int(rel.sum()), k)
     return num / den if den else 0.0
+
+
+# ----------------------------------------------------------------------------------------
+# What a user sees: ranked lists, typed keywords, the codes themselves
+# ----------------------------------------------------------------------------------------
+def rank_top_k(query: np.ndarray, db: np.ndarray, k: int, *, metric: str = "hamming",
+               bit_weights: np.ndarray | None = None, chunk_size: int | None = None,
+               max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest database items of each query, ties broken by database order (stable).
+
+    Args:
+        query, db: codes (or float embeddings with ``metric="cosine"``), as ``evaluate_retrieval``.
+        k: how many items per query (clipped to the database size).
+        metric, bit_weights: the ranking, as ``evaluate_retrieval``.
+
+    Returns:
+        ``(indices, distances)``, each ``[n_query, min(k, n_db)]``: database positions, and
+        their distances (Hamming, weighted Hamming, or minus the cosine similarity).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    scorer = _Scorer(query, db, metric, bit_weights)
+    kk = min(int(k), scorer.n_db)
+    idx = np.zeros((scorer.n_query, kk), dtype=np.int64)
+    dist = np.zeros((scorer.n_query, kk), dtype=np.float64)
+    for rows in _chunks(scorer.n_query, scorer.n_db, chunk_size, max_chunk_elements):
+        d = scorer.distances(rows)  # [c, n_db]
+        order = np.argsort(d, axis=1, kind="stable")[:, :kk]
+        idx[rows], dist[rows] = order, np.take_along_axis(d, order, axis=1)
+    return idx, dist
+
+
+def concept_words(label_names: Sequence[str]) -> list[str]:
+    """The label names that are one word: ``kind:`` prefix dropped, lower-cased, letters only.
+
+    ``word:cat`` -> ``cat``, ``animals`` -> ``animals``; ``subgroup:face-smiling`` (a hyphen)
+    and ``label_0`` (an underscore, a digit) are not words. Each word is also exactly one token
+    of ``crossmodal.text.tokenize_words``, so that it can be matched against captions.
+    Returned in order of first appearance, without repeats.
+    """
+    words: dict[str, None] = {}
+    for name in label_names:
+        word = str(name).split(":", 1)[-1].strip().lower()
+        if word.isalpha() and tokenize_words(word) == [word]:
+            words.setdefault(word, None)
+    return list(words)
+
+
+def word_relevance(captions: Sequence[Sequence[str] | str], words: Sequence[str]) -> np.ndarray:
+    """``bool [n_words, n_items]``: item j is relevant to word i when one of its captions holds
+    the word as a whole word (``tokenize_words``: ``cat`` matches "black cat", not "cats")."""
+    column = {w: i for i, w in enumerate(words)}
+    out = np.zeros((len(words), len(captions)), dtype=bool)
+    for j, caps in enumerate(captions):
+        texts = [caps] if isinstance(caps, str) else caps
+        for token in {t for text in texts for t in tokenize_words(text)}:
+            i = column.get(token)
+            if i is not None:
+                out[i, j] = True
+    return out
+
+
+def keyword_precision(word_codes: np.ndarray, db_codes: np.ndarray, relevance: np.ndarray, k: int = 10,
+                      **options: Any) -> dict[str, Any]:
+    """Precision@k of typed words used as text queries against database images.
+
+    ``relevance`` is ``[n_words, n_db]`` (``word_relevance``); ranking is ``evaluate_retrieval``'s
+    (stable by database order, plus the tie-aware expectation). A word without any relevant
+    item cannot be judged: it is left out of the means (and counted).
+
+    Args:
+        word_codes: codes of the words ``[n_words, bits]``; db_codes: ``[n_db, bits]``.
+        relevance: bool or 0/1 ``[n_words, n_db]``.
+        k: the cut-off.
+        **options: ``metric``, ``bit_weights``, ``chunk_size`` (as ``evaluate_retrieval``).
+
+    Returns:
+        ``{"p@k", "p@k_tie", "ceiling" (mean of min(R, k) / k, the best possible P@k),
+        "n_words" (judged), "n_words_no_relevant", "n_db", "per_word": {"n_relevant", "p@k",
+        "p@k_tie"} (arrays over all words)}``.
+    """
+    rel = np.asarray(relevance, dtype=bool)
+    res = evaluate_retrieval(word_codes, db_codes, relevance=rel, ks=(k,), ndcg_ks=(), pr_radius=False,
+                             per_query=True, **options)
+    per = res["per_query"]
+    n_rel = np.asarray(per["n_rel"], dtype=np.int64)
+    judged = n_rel > 0
+    kk = min(k, rel.shape[1])
+
+    def mean(values: np.ndarray) -> float:
+        return float(values[judged].mean()) if judged.any() else 0.0
+
+    return {
+        f"p@{k}": mean(per[f"p@{k}"]), f"p@{k}_tie": mean(per[f"p@{k}_tie"]),
+        "ceiling": mean(np.minimum(n_rel, kk) / max(kk, 1)),
+        "n_words": int(judged.sum()), "n_words_no_relevant": int((~judged).sum()), "n_db": int(rel.shape[1]),
+        "per_word": {"n_relevant": n_rel, f"p@{k}": per[f"p@{k}"], f"p@{k}_tie": per[f"p@{k}_tie"]},
+    }  # fmt: skip
+
+
+def code_statistics(codes: np.ndarray, bits: int | None = None) -> dict[str, Any]:
+    """How a set of codes uses the code space.
+
+    Args:
+        codes: ``[n, bits]`` in {-1, +1}, or packed ``uint8`` (then ``bits``, default 8 per byte).
+
+    Returns:
+        ``n_items``, ``bits``, ``n_distinct`` (distinct codes), ``largest_group`` (most items
+        sharing one code), ``bit_entropy`` (mean over bits of the binary entropy of the
+        fraction of +1, in bits: 1.0 when every bit is +1 for half the items) and
+        ``bit_entropy_min`` (the least informative bit).
+    """
+    signs = as_signs(codes, bits, "codes")  # [n, bits]
+    n, b = signs.shape
+    if n == 0:
+        return {"n_items": 0, "bits": b, "n_distinct": 0, "largest_group": 0, "bit_entropy": 0.0,
+                "bit_entropy_min": 0.0}
+    _, counts = np.unique(as_packed(signs), axis=0, return_counts=True)
+    p = (signs > 0).mean(axis=0)  # [bits] fraction of +1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = np.nan_to_num(-(p * np.log2(p) + (1 - p) * np.log2(1 - p)))  # 0 log 0 = 0
+    return {"n_items": int(n), "bits": int(b), "n_distinct": int(counts.size),
+            "largest_group": int(counts.max()), "bit_entropy": float(entropy.mean()),
+            "bit_entropy_min": float(entropy.min())}  # fmt: skip
+
+
+def self_rank(codes: np.ndarray, ks: Sequence[int] = (1, 10), *, metric: str = "hamming",
+              bit_weights: np.ndarray | None = None, chunk_size: int | None = None,
+              max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS, per_item: bool = False) -> dict[str, Any]:
+    """Where each item ranks when its own code queries the set it belongs to ("own-image rank").
+
+    With ``c`` items strictly closer than the item's own distance and ``t`` items at that
+    distance (the item itself included), the stable rank (ties by database order) is
+    ``1 + c + (tied items before it)``; over random orders of the tie the expected rank is
+    ``1 + c + (t - 1) / 2`` and P(rank <= k) is ``clip(k - c, 0, t) / t``. With Hamming
+    distances the own distance is 0, so ``c = 0`` and the items at distance 0 share one code:
+    averaged over all items, the stable and tie-aware summaries then agree (a group of t
+    items fills ranks 1..t either way); they differ per item.
+
+    Args:
+        codes: ``[n, bits]`` codes (or embeddings with ``metric="cosine"``).
+        ks: cut-offs for the fraction of items within the top k.
+        metric, bit_weights: the ranking, as ``evaluate_retrieval``.
+        per_item: also return ``per_item`` arrays ``rank``, ``rank_tie``, ``closer``, ``tied``.
+
+    Returns:
+        ``n_items``, ``top{k}`` and ``top{k}_tie`` (fraction of items at rank <= k),
+        ``mean_rank``, ``mean_rank_tie``, ``median_rank``.
+    """
+    scorer = _Scorer(codes, codes, metric, bit_weights)
+    n = scorer.n_db
+    closer, tied, before = (np.zeros(n, dtype=np.int64) for _ in range(3))
+    cols = np.arange(n)
+    for rows in _chunks(n, n, chunk_size, max_chunk_elements):
+        d = scorer.distances(rows)  # [c, n]
+        own_pos = cols[rows]
+        own = d[np.arange(d.shape[0]), own_pos][:, None]
+        same = d == own
+        closer[rows] = np.count_nonzero(d < own, axis=1)
+        tied[rows] = np.count_nonzero(same, axis=1)
+        before[rows] = np.count_nonzero(same & (cols[None, :] < own_pos[:, None]), axis=1)
+    rank, rank_tie = 1 + closer + before, 1 + closer + (tied - 1) / 2
+    out: dict[str, Any] = {"n_items": int(n)}
+    for k in ks:
+        out[f"top{k}"] = float(np.mean(rank <= k)) if n else 0.0
+        out[f"top{k}_tie"] = float(np.mean(np.clip(k - closer, 0, tied) / np.maximum(tied, 1))) if n else 0.0
+    out.update(mean_rank=float(rank.mean()) if n else 0.0, mean_rank_tie=float(rank_tie.mean()) if n else 0.0,
+               median_rank=float(np.median(rank)) if n else 0.0)
+    if per_item:
+        out["per_item"] = {"rank": rank, "rank_tie": rank_tie, "closer": closer, "tied": tied}
+    return out

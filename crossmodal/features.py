@@ -109,7 +109,8 @@ def tower_description(cfg: Config, modality: str) -> dict[str, Any]:
     if modality == "image":
         return {"name": m.image_tower, "size": m.image_size, "weights": m.image_weights,
                 "pretrained": m.pretrained}  # fmt: skip
-    return {"name": m.text_tower, "options": m.text_options, "pretrained": m.pretrained}
+    desc = {"name": m.text_tower, "options": m.text_options, "pretrained": m.pretrained}
+    return {**desc, "label_texts": True} if cfg.train.label_texts else desc
 
 
 def cache_key(dataset: CrossModalDataset, modality: str, tower_desc: dict[str, Any]) -> str:
@@ -117,19 +118,31 @@ def cache_key(dataset: CrossModalDataset, modality: str, tower_desc: dict[str, A
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def text_variants(dataset: CrossModalDataset) -> tuple[list[str], np.ndarray]:
-    """Every text an item can be trained on: its captions joined, then each caption alone.
+def label_text(name: str) -> str:
+    """A label's name as a text: its ``kind:`` prefix dropped, ``-`` and ``_`` as spaces
+    (``word:cat`` -> ``cat``, ``subgroup:animal-mammal`` -> ``animal mammal``)."""
+    return name.split(":", 1)[-1].replace("-", " ").replace("_", " ").strip()
+
+
+def text_variants(dataset: CrossModalDataset, label_texts: bool = False) -> tuple[list[str], np.ndarray]:
+    """Every text an item can be trained on: its captions joined, then each caption alone,
+    then (with ``label_texts``) the names of its labels as texts.
 
     Returns the texts and ``offsets [n_items + 1]``: rows ``offsets[i]:offsets[i+1]`` belong
     to item i, and row ``offsets[i]`` is its joined text (what evaluation and indexing use).
-    Training on single captions too teaches the text side short, keyword-like queries.
+    Training on single captions too teaches the text side short, keyword-like queries; the
+    label names teach it the one-word queries a label stands for.
     """
+    names = [label_text(n) for n in dataset.info.label_names] if label_texts else []
+    labels = dataset.labels_matrix() if names else None
     texts: list[str] = []
     offsets = [0]
-    for captions in dataset.captions_of():
+    for i, captions in enumerate(dataset.captions_of()):
         texts.append(join_captions(captions))
         if len(captions) > 1:
             texts.extend(captions)
+        if labels is not None:
+            texts.extend(names[j] for j in np.flatnonzero(labels[i]) if names[j] not in captions)
         offsets.append(len(texts))
     return texts, np.asarray(offsets, dtype=np.int64)
 
@@ -210,7 +223,7 @@ def extract_all(
     for req in requests:
         texts, offsets = (None, None)
         if req.modality == "text" and not dataset.info.bow_dim:
-            texts, offsets = text_variants(dataset)
+            texts, offsets = text_variants(dataset, bool(req.desc.get("label_texts")))
         offsets_of[req.modality] = offsets
         n = len(texts) if texts is not None else len(dataset)
         path = None

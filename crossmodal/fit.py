@@ -92,12 +92,17 @@ class FitOptions:
     seed: int = 0
     text_variants: bool = True
     device: str = "cpu"
+    similarity: str = "binary"  # Similarity.mode: binary | cosine | jaccard
+    contrastive: float = 0.0  # weight of the instance-level InfoNCE term (0: off)
+    temperature: float = 0.1
 
     @classmethod
-    def from_config(cls, train: Any) -> FitOptions:
-        """The options of a ``TrainConfig`` (``device: auto`` resolved)."""
-        names = [f for f in cls.__dataclass_fields__ if f != "device"]
-        return cls(**{f: getattr(train, f) for f in names}, device=str(resolve_device(train.device)))
+    def from_config(cls, train: Any, loss: Any = None) -> FitOptions:
+        """The options of a ``TrainConfig`` and ``LossConfig`` (``device: auto`` resolved)."""
+        from_loss = ("similarity", "contrastive", "temperature")
+        names = [f for f in cls.__dataclass_fields__ if f != "device" and f not in from_loss]
+        extra = {f: getattr(loss, f) for f in from_loss} if loss is not None else {}
+        return cls(**{f: getattr(train, f) for f in names}, **extra, device=str(resolve_device(train.device)))
 
 
 @dataclass
@@ -223,7 +228,7 @@ def fit(
     model.to(device)
     loss.to(device)
     train = np.asarray(data.train)
-    sim = _similarity(data.labels, train, device)
+    sim = _similarity(data.labels, train, device, opts.similarity)
     loss.prepare(len(train), model.bits, sim)  # may create the loss's own parameters
     loss.to(device=device, dtype=_dtype(model))
     opt = make_optimizer(model, loss, opts)
@@ -292,6 +297,9 @@ class _Step:
             variant_rng = rng if self.opts.text_variants else None
             codes = encode(self.model, self.inputs, items, m, self.device, variant_rng)
             terms = self.loss(LossBatch(m, codes, pos, buffers[m], other, B, self.sim))
+            if self.opts.contrastive:  # this tower's codes against the other side of the same items
+                nce = info_nce(codes, other[pos], self.opts.temperature)
+                terms["contrastive"] = self.opts.contrastive * nce
             total = sum(terms.values())
             self.opt.zero_grad(set_to_none=True)
             total.backward()
@@ -331,9 +339,19 @@ def validate(
     return out
 
 
-def _similarity(labels: np.ndarray, train: np.ndarray, device: torch.device) -> Similarity:
+def _similarity(labels: np.ndarray, train: np.ndarray, device: torch.device, mode: str) -> Similarity:
     lab = torch.from_numpy(np.asarray(labels)[train].astype(np.float32)) if labels.shape[1] else None
-    return Similarity(lab.to(device) if lab is not None else None, len(train))
+    return Similarity(lab.to(device) if lab is not None else None, len(train), mode=mode)
+
+
+def info_nce(anchors: torch.Tensor, partners: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean InfoNCE of ``anchors [b, c]`` against their own ``partners [b, c]``, the other rows
+    of the batch being negatives, on cosine similarity / ``temperature`` (van den Oord et al.,
+    2018; the image-text form of CLIP, Radford et al., 2021, one direction)."""
+    a = torch.nn.functional.normalize(anchors, dim=1)
+    p = torch.nn.functional.normalize(partners, dim=1)
+    logits = a @ p.T / temperature  # [b, b]
+    return torch.nn.functional.cross_entropy(logits, torch.arange(len(a), device=a.device))
 
 
 def _dtype(model: TwoTowerHasher) -> torch.dtype:

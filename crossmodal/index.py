@@ -243,6 +243,7 @@ class BinaryIndex:
             self._faiss = self._spec.build(self.bits, self.params)
         self._tombstones: set[int] = set()
         self._ids_cache: np.ndarray | None = None
+        self._rows_cache: tuple[np.ndarray, np.ndarray] | None = None  # see _stored_rows
         self.read_only = False
         self._lock = threading.Lock()
 
@@ -296,26 +297,37 @@ class BinaryIndex:
             KeyError: an id is not in the index.
         """
         wanted = _as_ids(ids)
-        live = self.ids()
-        missing = wanted[~np.isin(wanted, live)]
+        live = self.ids()  # sorted: a binary search per id, not a pass over the whole index
+        pos = np.minimum(np.searchsorted(live, wanted), max(live.size - 1, 0))
+        missing = wanted if not live.size else wanted[live[pos] != wanted]
         if missing.size:
             raise KeyError(f"ids not in the index: {missing[:10].tolist()}")
-        out = np.empty((len(wanted), self.code_size), dtype=np.uint8)
-        index = self._faiss
-        if self.kind == "ivf":
-            if index.direct_map.type != faiss.DirectMap.Hashtable:
-                index.set_direct_map_type(faiss.DirectMap.Hashtable)
-        elif self.kind == "multihash":  # MultiHash keeps codes in a flat storage; map ids to rows
-            id_map = faiss.vector_to_array(index.id_map)
-            order = np.argsort(id_map)
-            rows = order[np.searchsorted(id_map, wanted, sorter=order)]
-            storage = faiss.downcast_IndexBinary(index.index).storage
-            for r, row in enumerate(rows):
-                out[r] = storage.reconstruct(int(row))
-            return out
-        for r, item in enumerate(wanted):
-            out[r] = index.reconstruct(int(item))
-        return out
+        if not wanted.size:
+            return np.empty((0, self.code_size), dtype=np.uint8)
+        if self.kind == "ivf":  # codes live in the inverted lists: one look-up per id
+            index = self._faiss
+            with self._lock:  # built once; concurrent searches must not see it half made
+                if index.direct_map.type != faiss.DirectMap.Hashtable:
+                    index.set_direct_map_type(faiss.DirectMap.Hashtable)
+            return np.stack([index.reconstruct(int(item)) for item in wanted])
+        stored, rows = self._stored_rows()
+        return self._flat_storage()[rows[np.searchsorted(stored, wanted)]]
+
+    def _stored_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of an IDMap2-wrapped index, sorted, and the storage row of each (cached)."""
+        if self._rows_cache is None:
+            id_map = faiss.vector_to_array(self._faiss.id_map).astype(np.int64)
+            order = np.argsort(id_map, kind="stable")
+            self._rows_cache = (id_map[order], order)
+        return self._rows_cache
+
+    def _flat_storage(self) -> np.ndarray:
+        """A view ``uint8 [stored, bits // 8]`` of the codes of a flat, hnsw or multihash index,
+        row ``i`` holding the code of ``id_map[i]``; valid until the index changes."""
+        inner = faiss.downcast_IndexBinary(self._faiss.index)
+        flat = inner if self.kind == "flat" else faiss.downcast_IndexBinary(inner.storage)
+        n = int(flat.ntotal)
+        return faiss.rev_swig_ptr(flat.xb.data(), n * self.code_size).reshape(n, self.code_size)
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -367,7 +379,7 @@ class BinaryIndex:
         index.train(codes)
         self._faiss = index
         self.params["nlist"] = int(index.nlist)
-        self._ids_cache = None
+        self._ids_cache = self._rows_cache = None
 
     def add(self, packed: Any, ids: Any) -> None:
         """Add packed codes under external ids (int64 >= 0, unique, not already present).
@@ -385,7 +397,7 @@ class BinaryIndex:
         if self._tombstones and np.isin(new_ids, self._tombstone_array()).any():
             self.compact()  # a dead copy of a re-added id must go before the id is reused
         self._faiss.add_with_ids(codes, new_ids)
-        self._ids_cache = None
+        self._ids_cache = self._rows_cache = None
 
     def _check_new_ids(self, new_ids: np.ndarray) -> None:
         uniq, counts = np.unique(new_ids, return_counts=True)
@@ -414,13 +426,16 @@ class BinaryIndex:
         if not found.size:
             return 0
         if self._spec.native_remove:
-            removed = int(self._faiss.remove_ids(faiss.IDSelectorBatch(found)))
+            hashed = self.kind == "ivf" and self._faiss.direct_map.type == faiss.DirectMap.Hashtable
+            # an IVF direct map (set by reconstruct) accepts only an array selector
+            selector = faiss.IDSelectorArray(found) if hashed else faiss.IDSelectorBatch(found)
+            removed = int(self._faiss.remove_ids(selector))
         else:
             self._tombstones.update(found.tolist())
             removed = int(found.size)
             if len(self._tombstones) > self._faiss.ntotal // 2:
                 self.compact()
-        self._ids_cache = None
+        self._ids_cache = self._rows_cache = None
         return removed
 
     def compact(self) -> None:
@@ -438,7 +453,7 @@ class BinaryIndex:
             fresh.add_with_ids(np.ascontiguousarray(codes[keep]), stored_ids[keep])
         self._faiss = fresh
         self._tombstones = set()
-        self._ids_cache = None
+        self._ids_cache = self._rows_cache = None
 
     # ---- searching
 

@@ -64,21 +64,35 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str | tu
     return "\n".join(lines) + "\n"
 
 
-def precision_key(metrics: Mapping[str, Mapping[str, Any]], k: int = 100) -> str | None:
-    """The precision@k key to report: ``p@{k}`` when present, else the first ``p@...`` found."""
-    keys = [key for m in metrics.values() for key in m if key.startswith("p@") and not key.endswith("_tie")]
-    if f"p@{k}" in keys:
-        return f"p@{k}"
+def metric_key(metrics: Mapping[str, Mapping[str, Any]], prefix: str, k: int = 100) -> str | None:
+    """The ``{prefix}{k}`` key to report (``p@100``, ``ndcg@100``) when present, else the first
+    ``{prefix}...`` key found (without ``_tie``), else None."""
+    keys = [key for m in metrics.values() for key in m if key.startswith(prefix) and not key.endswith("_tie")]
+    if f"{prefix}{k}" in keys:
+        return f"{prefix}{k}"
     return keys[0] if keys else None
 
 
-def direction_columns(directions: Sequence[str], p_key: str | None,
-                      tie: bool = False) -> list[tuple[str, str]]:
-    """Columns ``("i2t/map", "i2t mAP"), ("i2t/p@100", "i2t P@100"), ...`` for ``flatten_metrics`` rows."""
+def precision_key(metrics: Mapping[str, Mapping[str, Any]], k: int = 100) -> str | None:
+    """The precision@k key to report: ``p@{k}`` when present, else the first ``p@...`` found."""
+    return metric_key(metrics, "p@", k)
+
+
+def ndcg_key(metrics: Mapping[str, Mapping[str, Any]], k: int = 100) -> str | None:
+    """The NDCG@k key to report: ``ndcg@{k}`` when present, else the first ``ndcg@...`` found."""
+    return metric_key(metrics, "ndcg@", k)
+
+
+def direction_columns(directions: Sequence[str], p_key: str | None, tie: bool = False,
+                      ndcg: str | None = None) -> list[tuple[str, str]]:
+    """Columns ``("i2t/map", "i2t mAP"), ("i2t/ndcg@100", "i2t NDCG@100"), ("i2t/p@100", "i2t P@100")...``
+    for ``flatten_metrics`` rows (the NDCG column only with ``ndcg``, the key to show)."""
     suffix = "_tie" if tie else ""
     cols = []
     for d in directions:
         cols.append((f"{d}/map{suffix}", f"{d} mAP"))
+        if ndcg:
+            cols.append((f"{d}/{ndcg}{suffix}", f"{d} {ndcg.upper()}"))
         if p_key:
             cols.append((f"{d}/{p_key}{suffix}", f"{d} {p_key.upper()}"))
     return cols
@@ -187,24 +201,36 @@ def _pr_curve(metrics: Mapping[str, Any]) -> tuple[list[float], list[float]] | N
 DEFINITIONS = (
     "mAP: mAP over the whole database, ties in Hamming distance broken by database order "
     "(DCMH protocol; queries without a relevant item count 0). Tie-aware: the expected value "
-    "over all orderings of tied items. P@k: precision of the top k."
+    "over all orderings of tied items. NDCG@k: graded by the number of shared labels. "
+    "P@k: precision of the top k."
 )
+SECTIONS = ("keyword", "codes")  # metrics.json keys beside its {row: {direction: metrics}} rows
 
 
 def _main_tables(rows: list[dict[str, Any]], lead: list[tuple[str, str]], dirs: Sequence[str],
-                 p_key: str | None, extra: tuple[str, str] | None = None) -> list[str]:
+                 p_key: str | None, extra: tuple[str, str] | None = None,
+                 ndcg: str | None = None) -> list[str]:
     """The stable table (plus ``extra`` column) and the tie-aware table."""
-    stable = [*lead, *direction_columns(dirs, p_key), *([extra] if extra else [])]
-    tie = [*lead, *direction_columns(dirs, p_key, tie=True)]
+    stable = [*lead, *direction_columns(dirs, p_key, ndcg=ndcg), *([extra] if extra else [])]
+    tie = [*lead, *direction_columns(dirs, p_key, tie=True, ndcg=ndcg)]
     return [markdown_table(rows, stable), "\nTie-aware:\n", markdown_table(rows, tie)]
 
 
-def _is_direction_dict(metrics: Mapping[str, Any]) -> bool:
-    return bool(metrics) and all(k in DIRECTIONS for k in metrics)
+def _is_direction_dict(metrics: Any) -> bool:
+    return (isinstance(metrics, Mapping) and bool(metrics) and all(k in DIRECTIONS for k in metrics)
+            and all(isinstance(v, Mapping) for v in metrics.values()))  # fmt: skip
+
+
+def metric_rows(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``{row: {direction: metrics}}`` rows of a ``metrics.json``, without its other sections
+    (``keyword``, ``codes``) or anything else that is not a row of directions."""
+    return {name: m for name, m in metrics.items() if _is_direction_dict(m)}
 
 
 def write_run_report(metrics: Mapping[str, Any], out_dir: str | os.PathLike[str], title: str = "Evaluation",
-                     name: str = "run") -> Path:
+                     name: str = "run", *, keyword: Mapping[str, Any] | None = None,
+                     codes: Mapping[str, Any] | None = None,
+                     transfers: Mapping[str, Mapping[str, Any]] | None = None, plots: bool = True) -> Path:
     """Write ``metrics.json``, ``report.md`` and ``pr_<direction>.png`` into ``out_dir``.
 
     Args:
@@ -214,20 +240,35 @@ def write_run_report(metrics: Mapping[str, Any], out_dir: str | os.PathLike[str]
         out_dir: folder to write (created).
         title: heading of ``report.md``.
         name: the row name when ``metrics`` holds one result.
+        keyword: keyword precision (``keyword_markdown``), saved as the ``keyword`` section.
+        codes: database code statistics (``codes_markdown``), saved as the ``codes`` section.
+        transfers: ``{dataset: result}`` of transfer evaluations, shown (``transfer_markdown``)
+            but saved by their caller.
+        plots: draw the PR figures; False leaves those on disk as they are.
 
     Returns:
         The path of ``report.md``.
     """
     rows_in = {name: metrics} if _is_direction_dict(metrics) else dict(metrics)
     for label, m in rows_in.items():
-        if not isinstance(m, Mapping) or not _is_direction_dict(m):
+        if not _is_direction_dict(m):
             raise ValueError(f"row {label!r} is not a {{direction: metrics}} dict (directions: {DIRECTIONS})")
+    sections = {key: value for key, value in (("keyword", keyword), ("codes", codes)) if value is not None}
+    if set(sections) & set(rows_in):
+        raise ValueError(f"row names {sorted(set(sections) & set(rows_in))} are reserved for report sections")
     out = Path(out_dir)
-    write_json_atomic(out / "metrics.json", to_jsonable(metrics))
+    write_json_atomic(out / "metrics.json", to_jsonable({**rows_in, **sections} if sections else metrics))
     dirs = sorted({d for m in rows_in.values() for d in m}, key=_direction_order)
-    p_key = precision_key({f"{r}/{d}": m[d] for r, m in rows_in.items() for d in m})
+    flat = {f"{r}/{d}": m[d] for r, m in rows_in.items() for d in m}
     rows = [{"run": r, **flatten_metrics(m)} for r, m in rows_in.items()]
-    text = [f"# {title}\n", DEFINITIONS + "\n", *_main_tables(rows, [("run", "run")], dirs, p_key)]
+    text = [f"# {title}\n", DEFINITIONS + "\n",
+            *_main_tables(rows, [("run", "run")], dirs, precision_key(flat), ndcg=ndcg_key(flat))]
+    if keyword is not None:
+        text += keyword_markdown(keyword)
+    if codes is not None:
+        text += codes_markdown(codes)
+    for result in (transfers or {}).values():
+        text += transfer_markdown(result)
     for label, m in rows_in.items():
         keys = sorted({k for d in m.values() for k, v in d.items() if isinstance(v, (int, float))})
         per_direction = [{"direction": d, **m[d]} for d in dirs if d in m]
@@ -235,11 +276,110 @@ def write_run_report(metrics: Mapping[str, Any], out_dir: str | os.PathLike[str]
     for d in dirs:
         curves = {r: c for r, m in rows_in.items() if d in m and (c := _pr_curve(m[d])) is not None}
         if curves:
-            plot_pr_curves(curves, out / f"pr_{d}.png", title=f"PR by Hamming radius, {DIRECTION_TITLES[d]}")
+            if plots:
+                title_d = f"PR by Hamming radius, {DIRECTION_TITLES[d]}"
+                plot_pr_curves(curves, out / f"pr_{d}.png", title=title_d)
             text.append(f"\n![PR {d}](pr_{d}.png)\n")
     write_text_atomic(out / "report.md", "\n".join(text))
     logger.info("wrote report to %s", out / "report.md")
     return out / "report.md"
+
+
+def _percent(value: Any) -> str | None:
+    return None if value is None else f"{100 * float(value):.1f} %"
+
+
+def keyword_markdown(keyword: Mapping[str, Any], max_words: int = 240) -> list[str]:
+    """The keyword section: P@k of typed concept words on the database and query splits, and a
+    table per word, worst first (the worst and best ``max_words`` in all when there are more).
+
+    ``keyword``: ``{"k", "n_words", "refused", "database": {...}, "query": {...}, "words": [...]}``
+    as ``crossmodal.jobs.eval`` writes it; ``database``/``query`` hold ``keyword_precision``'s
+    means, each word ``{"word", "n_relevant_db", "p@k_db", "n_relevant_query", "p@k_query", "top"}``.
+    """
+    k = int(keyword["k"])
+    p = f"p@{k}"
+    text = [f"\n## Keyword precision@{k} (text -> image)\n",
+            f"Each of the {keyword['n_words']} concept words (label names that are one word) is typed as "
+            "a text query and ranks the images by Hamming distance, ties by database order; an image is "
+            "relevant when one of its captions holds the word as a whole word. Means over the words with "
+            f"at least one relevant image; best possible: the mean of min(relevant, {k}) / {k}. The app's "
+            "index may order tied images otherwise; tie-aware: the expectation over all tie orders.\n"]
+    splits = [{"split": label, "items": s["n_db"], "words": s["n_words"], p: s[p], "tie": s[f"{p}_tie"],
+               "ceiling": s["ceiling"]}
+              for key, label in (("database", "database split (what the app searches)"),
+                                 ("query", "query split (never trained on)"))
+              if (s := keyword.get(key))]  # fmt: skip
+    columns = [("split", "images searched"), ("items", "images"), ("words", "words judged"),
+               (p, f"P@{k}"), ("tie", f"P@{k} tie-aware"), ("ceiling", "best possible")]
+    text.append(markdown_table(splits, columns))
+    if keyword.get("refused"):
+        refused = ", ".join(keyword["refused"])
+        text.append(f"\nWords the text model refuses as queries (not counted): {refused}.\n")
+    words = sorted(keyword.get("words", []),
+                   key=lambda w: (w.get(f"{p}_db") is None, w.get(f"{p}_db") or 0.0, w["word"]))
+    if len(words) > max_words:
+        best = max_words // 3
+        gap = {"word": f"... {len(words) - max_words} more words (all in metrics.json) ..."}
+        words = [*words[: max_words - best], gap, *words[-best:]]
+    rows = [{**w, "top": "; ".join(w.get("top", []))} for w in words]
+    text += ["\nPer word, worst first:\n", markdown_table(rows, [
+        ("word", "word"), ("n_relevant_db", "relevant (database)"), (f"{p}_db", f"P@{k} database"),
+        ("n_relevant_query", "relevant (query split)"), (f"{p}_query", f"P@{k} query split"),
+        ("top", "top 3 (database), first caption each")], floatfmt=".2f")]
+    return text
+
+
+def codes_markdown(codes: Mapping[str, Any]) -> list[str]:
+    """The codes section: distinct codes, largest group and bit entropy per modality, and the
+    own-image rank (``code_statistics`` and ``self_rank`` of ``crossmodal.evaluate``)."""
+    text = ["\n## Database codes\n",
+            f"The {codes.get('bits', '?')}-bit codes of the {codes.get('n_db', '?')} database items. Largest "
+            "group: the most items sharing one code. Bit entropy: of the fraction of +1 per bit, in bits "
+            "(1.0: each bit is +1 for half the items), the mean over bits and the lowest.\n"]
+    stats = [{"codes": m, **codes[m]} for m in ("image", "text") if isinstance(codes.get(m), Mapping)]
+    text.append(markdown_table(stats, [
+        ("codes", "codes"), ("n_items", "items"), ("n_distinct", "distinct codes"),
+        ("largest_group", "largest group"), ("bit_entropy", "mean bit entropy"),
+        ("bit_entropy_min", "lowest bit entropy")], floatfmt=".3f"))
+    own = codes.get("own_image_rank")
+    if isinstance(own, Mapping):
+        text.append("\nOwn-image rank: each database image as an image -> image query against the database "
+                    "images; where does the image itself come? Stable: ties by database order; tie-aware: "
+                    "the expectation over orders of the tied items. Averaged over the database the two "
+                    "agree: the t images sharing a code fill ranks 1..t either way.\n")
+        rows = [{"ranking": label, "first": _percent(own.get(f"top1{sfx}")),
+                 "top10": _percent(own.get(f"top10{sfx}")), "mean": own.get(f"mean_rank{sfx}")}
+                for label, sfx in (("stable", ""), ("tie-aware", "_tie"))]  # fmt: skip
+        text.append(markdown_table(rows, [("ranking", "ranking"), ("first", "own image first"),
+                                          ("top10", "own image in the top 10"), ("mean", "mean rank")],
+                                   floatfmt=".1f"))
+    return text
+
+
+def transfer_markdown(result: Mapping[str, Any]) -> list[str]:
+    """A transfer section: the run's model on another dataset whose labels match by name, beside
+    the run's in-domain figures (``crossmodal.jobs.eval.transfer_run`` writes ``result``)."""
+    matched = list(result.get("matched_labels", []))
+    shown = ", ".join(matched[:8]) + (f" and {len(matched) - 8} more" if len(matched) > 8 else "")
+    text = [f"\n## Transfer to {result['dataset']}\n",
+            f"The run's model on {result['dataset']}, split by that dataset's default protocol (seed 0): "
+            f"{result['n_query']} queries ({result.get('n_query_unmatched', 0)} without a matched label left "
+            f"out), {result['n_db']} database items. Relevant: shares one of the {len(matched)} labels both "
+            f"datasets name alike ({shown}). In-domain, matched labels: the run's own query split and "
+            "database with that same relevance; the ratio divides the transfer mAP by it.\n"]
+    parts = {"in-domain, all labels": result.get("in_domain"),
+             "in-domain, matched labels": result.get("in_domain_matched"),
+             f"transfer: {result['dataset']}": result.get("transfer")}
+    parts = {k: v for k, v in parts.items() if v}
+    dirs = sorted({d for m in parts.values() for d in m}, key=_direction_order)
+    flat = {f"{r}/{d}": m[d] for r, m in parts.items() for d in m}
+    rows = [{"evaluation": r, **flatten_metrics(m)} for r, m in parts.items()]
+    ratio = {f"{d}/map": v for d, v in (result.get("ratio") or {}).items()}
+    rows.append({"evaluation": "ratio transfer / in-domain (matched)", **ratio})
+    columns = [("evaluation", "evaluation"), *direction_columns(dirs, None, ndcg=ndcg_key(flat))]
+    text.append(markdown_table(rows, columns))
+    return text
 
 
 def grid_report(results: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike[str],
@@ -266,12 +406,12 @@ def grid_report(results: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike
     cells = sorted(results, key=lambda c: (method_order[c["method"]], int(c["bits"])))
     with_metrics = [c for c in cells if c.get("metrics")]
     dirs = sorted({d for c in with_metrics for d in c["metrics"]}, key=_direction_order)
-    p_key = precision_key({f"{i}/{d}": m for i, c in enumerate(with_metrics)
-                           for d, m in c["metrics"].items()})
+    flat = {f"{i}/{d}": m for i, c in enumerate(with_metrics) for d, m in c["metrics"].items()}
+    p_key, n_key = precision_key(flat), ndcg_key(flat)
     rows = [{"method": c["method"], "bits": int(c["bits"]), "train_time_s": _seconds(c.get("train_time_s")),
              "error": c.get("error"), **flatten_metrics(c.get("metrics") or {})} for c in cells]
     lead = [("method", "method"), ("bits", "bits")]
-    tables = _main_tables(rows, lead, dirs, p_key, ("train_time_s", "train s"))
+    tables = _main_tables(rows, lead, dirs, p_key, ("train_time_s", "train s"), ndcg=n_key)
     text = [f"# {title}\n", DEFINITIONS + "\n", *tables]
     failed = [r for r in rows if r.get("error")]
     if failed:

@@ -142,8 +142,15 @@ def test_a_run_with_bit_weights_ranks_by_weighted_hamming(workdir):
         index = engine.indexes["image"]
         ids = index.ids()
         q = unpack_codes(engine.encode_texts(["a green circle"]), 16)
-        d = weighted_hamming(q, unpack_codes(index.reconstruct(ids), 16), engine.bit_weights)[0]
+        db = unpack_codes(index.reconstruct(ids), 16)
+        d = weighted_hamming(q, db, engine.bit_weights)[0]
         expected = np.sort(d)[:8]
         np.testing.assert_allclose([h.distance for h in result.hits], expected, rtol=1e-6)
+        # within a weighted tie, the continuous query code decides, then the id
+        score = db.astype(np.float64) @ engine.encode_texts(["a green circle"], binarize=False)[0]
+        keys = [(d[i], -score[i], i) for i in np.searchsorted(ids, [h.item_id for h in result.hits])]
+        assert all(a[0] < b[0] + 1e-9 for a, b in zip(keys, keys[1:]))
+        ties = [(a, b) for a, b in zip(keys, keys[1:]) if abs(a[0] - b[0]) < 1e-9]
+        assert ties and all(a[1] < b[1] or (np.isclose(a[1], b[1]) and a[2] < b[2]) for a, b in ties), ties
     finally:
         engine.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import tracemalloc
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -14,16 +15,22 @@ from crossmodal.evaluate import (
     as_packed,
     as_signs,
     average_precision,
+    code_statistics,
+    concept_words,
     evaluate_directions,
     evaluate_retrieval,
     expected_precision_sum,
+    keyword_precision,
     map_at_all,
     map_at_k,
     ndcg_at_k,
     pr_by_radius,
     precision_at_k,
     precision_within_radius,
+    rank_top_k,
     recall_at_k,
+    self_rank,
+    word_relevance,
 )
 
 # --- the DCMH-style hand example: 4 queries, 6 database items, 4-bit codes, 3 labels ---------
@@ -352,3 +359,124 @@ def test_evaluate_directions_four_ways():
     assert list(out) == ["i2t"] and 0.0 <= out["i2t"]["map"] <= 1.0
     with pytest.raises(KeyError, match="db_image"):
         evaluate_directions({"query_image": q}, query_labels=lq, db_labels=ldb, directions=("i2i",))
+
+
+# --- what a user sees: typed words, top-k lists, the codes themselves ------------------------
+def test_concept_words_hand_case():
+    names = ["subgroup:face-smiling", "word:cat", "animals", "word:Cat", "label_0", "subgroup:heart",
+             "word:heart", "kind:two words", "x:café", "sky2", "a:b:c"]
+    # hyphen, underscore and digit, space, second colon: not one word; repeats kept once
+    assert concept_words(names) == ["cat", "animals", "heart", "café"]
+    assert concept_words([]) == []
+
+
+def test_word_relevance_matches_whole_words_only():
+    captions = [["a black cat", "kitty"], ["cats on a mat"], ["Cat's toy"], "cat-face", []]
+    rel = word_relevance(captions, ["cat", "mat"])
+    # "cats" and "cat's" are other tokens; "cat-face" splits at the hyphen; a string is one caption
+    np.testing.assert_array_equal(rel, [[1, 0, 0, 1, 0], [0, 1, 0, 0, 0]])
+    assert rel.dtype == bool
+
+
+# 6 database images, 4-bit codes; the word codes tie with several of them
+KW_DB = np.array([[1, 1, 1, 1], [1, 1, 1, -1], [1, 1, -1, 1], [-1, -1, -1, -1], [1, -1, 1, 1], [1, 1, 1, 1]],
+                 dtype=np.int8)
+KW_WORDS = np.array([[1, 1, 1, 1], [-1, -1, -1, -1], [1, 1, 1, 1]], dtype=np.int8)
+# w0: d = [0,1,1,4,1,0] -> stable b0 b5 | b1 b2 b4 | b3; relevant {b1, b3}
+#     P@3 stable: b0 b5 b1 -> 1/3; tie-aware: 2 of the d=0 pair (none relevant) + 1 of {b1,b2,b4}
+#     (one relevant) -> 1/3 expected hits -> 1/9
+# w1: d = [4,3,3,0,3,4] -> stable b3 | b1 b2 b4 | b0 b5; relevant {b2, b3}
+#     P@3 stable: b3 b1 b2 -> 2/3; tie-aware: b3 + 2 of {b1,b2,b4} (one relevant) -> 5/3 hits -> 5/9
+# w2: no relevant image: not judged, left out of the means
+KW_REL = np.array([[0, 1, 0, 1, 0, 0], [0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=bool)
+
+
+def test_keyword_precision_hand_case_with_ties():
+    res = keyword_precision(KW_WORDS, KW_DB, KW_REL, k=3)
+    assert res["p@3"] == pytest.approx((1 / 3 + 2 / 3) / 2)
+    assert res["p@3_tie"] == pytest.approx((1 / 9 + 5 / 9) / 2)
+    assert res["ceiling"] == pytest.approx(2 / 3)  # min(R, 3) / 3 with R = 2 for both judged words
+    assert (res["n_words"], res["n_words_no_relevant"], res["n_db"]) == (2, 1, 6)
+    np.testing.assert_allclose(res["per_word"]["p@3"], [1 / 3, 2 / 3, 0])
+    np.testing.assert_array_equal(res["per_word"]["n_relevant"], [2, 2, 0])
+    # packed codes and a k beyond the database give the same kind of answer
+    packed = keyword_precision(as_packed(KW_WORDS), as_packed(KW_DB), KW_REL, k=3)
+    assert packed["p@3"] == pytest.approx(res["p@3"])
+    assert keyword_precision(KW_WORDS, KW_DB, KW_REL, k=50)["p@50"] == pytest.approx(2 / 6)
+
+
+def test_rank_top_k_hand_case_and_brute_force():
+    idx, dist = rank_top_k(KW_WORDS, KW_DB, 3)
+    np.testing.assert_array_equal(idx, [[0, 5, 1], [3, 1, 2], [0, 5, 1]])
+    np.testing.assert_array_equal(dist, [[0, 0, 1], [0, 3, 3], [0, 0, 1]])
+    assert rank_top_k(KW_WORDS, KW_DB, 99)[0].shape == (3, 6)
+    rng = np.random.default_rng(7)
+    q, db = rng.choice([-1, 1], (9, 12)).astype(np.int8), rng.choice([-1, 1], (70, 12)).astype(np.int8)
+    w = rng.random(12)
+    refs = {"plain": (None, np.sum(q[:, None] != db[None], axis=2)),
+            "weighted": (w, np.round(weighted_hamming(q, db, w), 9))}
+    for weights, ref in refs.values():
+        got, d = rank_top_k(q, db, 10, bit_weights=weights, chunk_size=2)
+        want = np.argsort(ref, axis=1, kind="stable")[:, :10]
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(d, np.take_along_axis(ref, want, axis=1))
+    with pytest.raises(ValueError, match="k must be"):
+        rank_top_k(q, db, 0)
+
+
+def test_code_statistics_hand_case_and_brute_force():
+    st = code_statistics(np.array([[1, 1, 1], [1, 1, 1], [1, -1, 1], [-1, -1, 1]], dtype=np.int8))
+    h = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))  # bit 0: +1 for 3 of 4 items
+    assert (st["n_items"], st["bits"], st["n_distinct"], st["largest_group"]) == (4, 3, 3, 2)
+    assert st["bit_entropy"] == pytest.approx((h + 1.0 + 0.0) / 3)  # bit 2 is constant: 0, not NaN
+    assert st["bit_entropy_min"] == 0.0
+    rng = np.random.default_rng(1)
+    codes = rng.choice([-1, 1], (200, 16)).astype(np.int8)
+    codes[50:120] = codes[0]  # a big group
+    st = code_statistics(pack_codes(codes))
+    groups = Counter(map(tuple, codes.tolist()))
+    assert st["n_distinct"] == len(groups) and st["largest_group"] == max(groups.values())
+    p = (codes > 0).mean(axis=0)
+    assert st["bit_entropy"] == pytest.approx(np.mean(-(p * np.log2(p) + (1 - p) * np.log2(1 - p))))
+    assert code_statistics(np.zeros((0, 8), np.int8))["n_distinct"] == 0
+
+
+def _own_ranks(codes, weights=None):
+    """Stable rank of each item among all when its own code is the query (numpy reference)."""
+    if weights is None:
+        d = np.sum(codes[:, None] != codes[None], axis=2)
+    else:
+        d = np.round(weighted_hamming(codes, codes, weights), 9)
+    order = np.argsort(d, axis=1, kind="stable")
+    return np.array([int(np.flatnonzero(order[i] == i)[0]) + 1 for i in range(len(codes))])
+
+
+def test_self_rank_equals_brute_force_over_every_tie_order():
+    codes = np.array([[1, 1, 1], [1, -1, 1], [1, 1, 1], [-1, -1, 1], [1, 1, 1], [1, -1, 1]], dtype=np.int8)
+    res = self_rank(codes, ks=(1, 2), per_item=True)
+    # stable: the three copies of (1,1,1) come 1st, 2nd, 3rd in database order; (1,-1,1) twice: 1st, 2nd
+    np.testing.assert_array_equal(res["per_item"]["rank"], [1, 1, 2, 1, 3, 2])
+    np.testing.assert_array_equal(res["per_item"]["rank"], _own_ranks(codes))
+    perms = [np.array(p) for p in itertools.permutations(range(6))]
+    ranks = np.zeros((len(perms), 6))
+    for j, perm in enumerate(perms):  # database in every order: rank of each original item
+        ranks[j, perm] = _own_ranks(codes[perm])
+    np.testing.assert_allclose(res["per_item"]["rank_tie"], ranks.mean(axis=0))
+    for k in (1, 2):
+        assert res[f"top{k}_tie"] == pytest.approx(np.mean(ranks <= k))
+        assert res[f"top{k}"] == pytest.approx(np.mean(res["per_item"]["rank"] <= k))
+    assert res["top1"] == pytest.approx(3 / 6)  # one first item per distinct code
+    assert res["mean_rank"] == pytest.approx(10 / 6) and res["mean_rank_tie"] == pytest.approx(10 / 6)
+
+
+def test_self_rank_random_and_weighted_against_reference():
+    rng = np.random.default_rng(5)
+    codes = rng.choice([-1, 1], (90, 6)).astype(np.int8)  # 6 bits, 90 items: many duplicates
+    w = rng.random(6)
+    w[2] = 0.0  # a bit that does not count: codes differing only there tie at distance 0
+    for weights in (None, w):
+        res = self_rank(codes, ks=(1, 10), bit_weights=weights, chunk_size=7, per_item=True)
+        ref = _own_ranks(codes, weights)
+        np.testing.assert_array_equal(res["per_item"]["rank"], ref)
+        assert res["top10"] == pytest.approx(np.mean(ref <= 10))
+        assert res["median_rank"] == pytest.approx(np.median(ref))

@@ -276,3 +276,36 @@ def test_reconstruct_returns_the_stored_codes(kind):
     np.testing.assert_array_equal(index.reconstruct(ids[pick]), codes[pick])
     with pytest.raises(KeyError, match="not in the index"):
         index.reconstruct([4])
+
+
+def test_reconstruct_names_missing_ids_on_either_side_and_on_an_empty_index():
+    codes = np.arange(24, dtype=np.uint8).reshape(3, 8)
+    index = create_index("flat", 64)
+    with pytest.raises(KeyError, match=r"\[5\]"):
+        index.reconstruct([5])
+    assert index.reconstruct([]).shape == (0, 8)
+    index.add(codes, [10, 20, 30])
+    for missing in ([0], [31], [15, 20]):
+        with pytest.raises(KeyError, match="not in the index"):
+            index.reconstruct(missing)
+    np.testing.assert_array_equal(index.reconstruct([30, 10]), codes[[2, 0]])
+    index.remove([20])
+    with pytest.raises(KeyError, match=r"\[20\]"):
+        index.reconstruct([20])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reconstruct_follows_adds_removals_compaction_and_mmap(tmp_path, kind, data):
+    db, ids, _, _ = data
+    index = build(kind, db[:600], ids[:600])
+    np.testing.assert_array_equal(index.reconstruct(ids[:600][::-1]), db[:600][::-1])
+    index.remove(ids[:400])  # tombstoned kinds compact past half
+    index.add(db[600:700], ids[600:700])
+    index.add(db[:10], ids[:10])  # re-added after removal
+    keep = np.r_[0:10, 400:700]
+    np.testing.assert_array_equal(index.reconstruct(ids[keep]), db[keep])
+    with pytest.raises(KeyError, match="not in the index"):
+        index.reconstruct(ids[10:12])
+    index.save(tmp_path / "x.index")
+    loaded = BinaryIndex.load(tmp_path / "x.index", mmap=True)
+    np.testing.assert_array_equal(loaded.reconstruct(ids[keep][::7]), db[keep][::7])

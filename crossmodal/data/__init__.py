@@ -30,7 +30,7 @@ register_dataset = DATASETS.register
 DATA_README = "data/README.md"
 
 
-def create_dataset(name: str, **options: Any) -> CrossModalDataset:
+def create_dataset(name: str, /, **options: Any) -> CrossModalDataset:
     """Build or load the dataset registered as ``name`` with builder ``options``.
 
     Raises:

@@ -84,7 +84,7 @@ def train_run(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
     model = build_model(cfg, dataset.info)
     loss = create_loss(cfg.loss.name, **cfg.loss.params)
     frozen = frozen_towers(model, cfg.train.mode == "frozen")
-    options = FitOptions.from_config(cfg.train)
+    options = FitOptions.from_config(cfg.train, cfg.loss)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     inputs = prepare_inputs(cfg, model, dataset, splits.train, frozen, options.device, progress)

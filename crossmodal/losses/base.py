@@ -32,6 +32,8 @@ class Similarity:
     #: up to this many items, ``binary`` rows come from an [n, n] bool matrix computed once
     #: (12,288 items: 151 MB) instead of a product with all labels per call
     dense_limit: int = 12_288
+    #: what ``target`` gives: "binary", or the graded "cosine" / "jaccard" of the label sets
+    mode: str = "binary"
     _dense: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def graded(self, rows: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
@@ -42,6 +44,25 @@ class Similarity:
         a = self.labels[rows]
         b = self.labels if cols is None else self.labels[cols]
         return a @ b.T  # [len(rows), len(cols)]
+
+    def target(self, rows: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """The similarity the pairwise likelihood fits, ``[len(rows), len(cols)]`` in [0, 1].
+
+        ``binary``: 1 when items share a label. ``cosine``: shared / sqrt(|a| |b|).
+        ``jaccard``: shared / |a or b|. Graded similarity keeps apart what "shares one label"
+        merges (a cat and a tiger share only "mammal"); multi-level similarity as in DSRH
+        (Zhao et al., CVPR 2015). Without labels every mode is "same item".
+        """
+        if self.mode == "binary" or self.labels is None:
+            return self.binary(rows, cols)
+        shared = self.graded(rows, cols)
+        size_a = self.labels[rows].sum(1, keepdim=True)  # [b, 1]
+        size_b = (self.labels if cols is None else self.labels[cols]).sum(1)[None, :]  # [1, n]
+        if self.mode == "cosine":
+            return shared / (size_a * size_b).sqrt().clamp(min=1e-12)
+        if self.mode == "jaccard":
+            return shared / (size_a + size_b - shared).clamp(min=1e-12)
+        raise ValueError(f"unknown similarity {self.mode!r}; known: binary, cosine, jaccard")
 
     def binary(self, rows: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
         """1 where items share at least one label (or are the same item), else 0."""

@@ -48,7 +48,7 @@ class DCMHLoss(HashLoss):
     def forward(self, batch: LossBatch) -> dict[str, torch.Tensor]:
         f, idx = batch.codes, batch.index
         norm = batch.n * f.shape[0]
-        s = batch.sim.binary(idx)  # [b, n]
+        s = batch.sim.target(idx)  # [b, n]
         terms = {"inter": self.inter * pairwise_nll(f, batch.other, s, self.pos_weight) / norm}
         if self.intra:
             same = batch.same.index_copy(0, idx, f)

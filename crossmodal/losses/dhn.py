@@ -44,7 +44,7 @@ class DHNLoss(HashLoss):
     def forward(self, batch: LossBatch) -> dict[str, torch.Tensor]:
         u, idx = batch.codes, batch.index
         pairs = batch.n * u.shape[0]
-        s = batch.sim.binary(idx).to(u.dtype)  # [b, n]
+        s = batch.sim.target(idx).to(u.dtype)  # [b, n]
         terms = {"inter": self.inter * pairwise_cross_entropy(u, batch.other, s, self.scale) / pairs}
         if self.intra:
             same = batch.same.index_copy(0, idx, u)

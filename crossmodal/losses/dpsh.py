@@ -32,7 +32,7 @@ class DPSHLoss(HashLoss):
     def forward(self, batch: LossBatch) -> dict[str, torch.Tensor]:
         u, idx = batch.codes, batch.index
         pairs = batch.n * u.shape[0]
-        s = batch.sim.binary(idx).to(u.dtype)  # [b, n]
+        s = batch.sim.target(idx).to(u.dtype)  # [b, n]
         terms = {"inter": self.inter * pairwise_nll(u, batch.other, s) / pairs}
         if self.intra:
             same = batch.same.index_copy(0, idx, u)

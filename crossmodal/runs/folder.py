@@ -64,7 +64,8 @@ def read_manifest(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 def rebuild_command(run_dir: str | os.PathLike[str]) -> str:
     """The command that trains, indexes and evaluates ``run_dir`` again from its own recipe, in place."""
     run = Path(run_dir)
-    return f"crossmodal prepare --config {run / 'config.yaml'} --set runs_dir={run.parent} --set name={run.name}"
+    recipe = run / "config.yaml"
+    return f"crossmodal prepare --config {recipe} --set runs_dir={run.parent} --set name={run.name}"
 
 
 def check_run(

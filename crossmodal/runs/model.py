@@ -46,7 +46,9 @@ def model_spec(cfg: Config, info: DatasetInfo | None = None) -> HasherSpec:
     )
 
 
-def build_model(cfg: Config, info: DatasetInfo | None = None, pretrained: bool | None = None) -> TwoTowerHasher:
+def build_model(
+    cfg: Config, info: DatasetInfo | None = None, pretrained: bool | None = None
+) -> TwoTowerHasher:
     """The towers and heads a recipe names (weights of pretrained towers included)."""
     return build_hasher(model_spec(cfg, info), pretrained=pretrained)
 
@@ -58,7 +60,9 @@ def inference_spec(model: TwoTowerHasher, spec: HasherSpec) -> HasherSpec:
                          "bit_weights": model.bit_weights is not None, "tower_files": files})  # fmt: skip
 
 
-def save_model(update: RunUpdate, model: TwoTowerHasher, spec: HasherSpec, frozen: dict[str, bool]) -> list[str]:
+def save_model(
+    update: RunUpdate, model: TwoTowerHasher, spec: HasherSpec, frozen: dict[str, bool]
+) -> list[str]:
     """Stage the model's files in ``update`` (weights without frozen towers, spec, tower files).
 
     Returns:
@@ -109,7 +113,9 @@ def load_model(run_dir: str | os.PathLike[str]) -> TwoTowerHasher:
     try:  # safetensors holds tensors only: nothing in the file can run code
         state = load_file(str(run_dir / WEIGHTS))
     except (SafetensorError, OSError) as exc:
-        raise RunError(f"{run_dir}/{WEIGHTS} is not a valid safetensors file ({exc}); re-run crossmodal train") from None
+        raise RunError(
+            f"{run_dir}/{WEIGHTS} is not a valid safetensors file ({exc}); re-run crossmodal train"
+        ) from None
     try:
         load_weights(model, state)
     except (ValueError, RuntimeError) as exc:
@@ -127,4 +133,6 @@ def load_weights(model: TwoTowerHasher, state: dict[str, torch.Tensor]) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     bad_missing = [k for k in missing if not k.startswith(("image_tower.", "text_tower."))]
     if bad_missing or unexpected:
-        raise ValueError(f"model weights do not match the model: missing {bad_missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"model weights do not match the model: missing {bad_missing}, unexpected {unexpected}"
+        )

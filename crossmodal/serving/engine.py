@@ -7,9 +7,19 @@
     engine.similar_texts("red heart", k=10) # text -> texts
 
 Each call returns a ``SearchResult`` with the hits (id, captions, image path, Hamming
-distance) and the time each stage took. The engine only knows the run folder: it
-rebuilds the model from ``model.json`` and imports no training code (no objective, no
-trainer, no jobs).
+distance) and the time each stage took.
+
+Order. Hamming distances are integers, so many items tie. Within a tie, hits are ordered
+by the dot product of the query's continuous code (the model's output before the sign)
+with the item's code, larger first: the item whose differing bits are those the query is
+least sure of comes first. Identical codes tie exactly and go by id. To make this the
+order over the whole database, each query's FAISS shortlist is extended until it holds
+every item tied with the k-th (``_tie_shortlist``). Runs with learned bit weights rank by
+weighted Hamming distance first, over a shortlist of the 10k (at least 100) nearest, and
+report that distance.
+
+The engine only knows the run folder: it rebuilds the model from ``model.json`` and imports
+no training code (no objective, no trainer, no jobs).
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from PIL import Image
 from crossmodal.codes import codes_to_hex, pack_codes, unpack_codes, weighted_hamming
 from crossmodal.images import open_image
 from crossmodal.index import PAD_DISTANCE, BinaryIndex, IndexFileError
+from crossmodal.report import metric_rows
 from crossmodal.runs.folder import INDEX_FILES, JOURNAL, RunError, check_run, read_manifest, verify_files
 from crossmodal.runs.model import MODEL_SPEC, WEIGHTS, load_model, read_spec
 from crossmodal.store import MetadataStore, StoreError
@@ -84,6 +95,8 @@ class RetrievalEngine:
         weights = model.bit_weights
         self.bit_weights = None if weights is None else weights.detach().cpu().numpy().astype(np.float64)
         self._lock = threading.Lock()  # torch modules are not re-entrant across threads
+        # the most items past the k-th that one query fetches to complete a Hamming tie
+        self.tie_fetch_limit = 4096
 
     @classmethod
     def load(
@@ -139,48 +152,77 @@ class RetrievalEngine:
         return cls(run_dir, model, indexes, store, manifest)
 
     # -- encoding ---------------------------------------------------------------------------
-    def encode_texts(self, queries: list[str]) -> np.ndarray:
-        """Packed codes ``uint8 [n, bits/8]`` of text queries; ``QueryError`` for unusable ones."""
+    def encode_texts(self, queries: list[str], binarize: bool = True) -> np.ndarray:
+        """Codes of text queries; ``QueryError`` for unusable ones.
+
+        Returns:
+            Packed codes ``uint8 [n, bits/8]``, or with ``binarize=False`` the continuous codes
+            ``float32 [n, bits]`` (after the model's output activation, before the sign).
+        """
         for q in queries:
             self.model.text_tower.check_query(q)
         with self._lock, torch.no_grad():
             batch = self.model.text_tower.tokenize([q.strip() for q in queries])
-            codes = self.model.encode_text(batch, binarize=True)
-        return pack_codes(codes.numpy())
+            codes = self.model.encode_text(batch).float().numpy()
+        return pack_codes(codes) if binarize else codes  # pack_codes signs as binarize=True does
 
-    def encode_images(self, images: list[ImageInput]) -> np.ndarray:
-        """Packed codes of images (paths, bytes or PIL images); ``ImageDecodeError`` for bad ones."""
+    def encode_images(self, images: list[ImageInput], binarize: bool = True) -> np.ndarray:
+        """Codes of images (paths, bytes or PIL images); ``ImageDecodeError`` for bad ones.
+
+        Returns:
+            As ``encode_texts``: packed ``uint8 [n, bits/8]`` or continuous ``float32 [n, bits]``.
+        """
         tower = self.model.image_tower
         x = torch.stack([tower.preprocess(open_image(img)) for img in images])
         with self._lock, torch.no_grad():
-            codes = self.model.encode_image(x, binarize=True)
-        return pack_codes(codes.numpy())
+            codes = self.model.encode_image(x).float().numpy()
+        return pack_codes(codes) if binarize else codes
 
     # -- searching ---------------------------------------------------------------------------
-    def _search(self, packed: np.ndarray, target: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search(
+        self, packed: np.ndarray, target: str, k: int, continuous: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` best items of each query: by Hamming distance (weighted Hamming for runs with
+        bit weights), then, within a tie, by the larger dot product of the continuous query code
+        ``float [nq, bits]`` with the database code, then by id (without ``continuous``, the
+        query's +-1 code stands in: a Hamming tie then goes to the smaller id).
+
+        Returns:
+            ``(dist [nq, k], ids [nq, k])``: Hamming distances (int32; weighted ones, float64, for
+            runs with bit weights), padded with ``PAD_DISTANCE`` and id -1.
+        """
         index = self.indexes[target]
         if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         k = min(int(k), max(index.ntotal, 1))
-        if self.bit_weights is None:
-            return index.search(packed, k)
-        fetch = min(index.ntotal, max(10 * k, 100))  # re-rank a Hamming shortlist by weighted distance
-        _, ids = index.search(packed, fetch)
-        return self._rerank(packed, ids, target, k)
-
-    def _rerank(
-        self, packed: np.ndarray, ids: np.ndarray, target: str, k: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        index = self.indexes[target]
+        if continuous is None:
+            continuous = unpack_codes(packed, self.bits).astype(np.float32)
+        # weighted runs re-rank a Hamming shortlist, since weighted and plain order differ
+        n = k if self.bit_weights is None else min(index.ntotal, max(10 * k, 100))
+        shortlists = _tie_shortlist(index, packed, n, self.tie_fetch_limit)
         out_d, out_i = [], []
-        for q, row in zip(packed, ids):
-            live = row[row >= 0]
-            db = unpack_codes(index.reconstruct(live), self.bits) if len(live) else np.zeros((0, self.bits))
-            d = weighted_hamming(unpack_codes(q[None], self.bits), db, self.bit_weights)[0]
-            order = np.argsort(d, kind="stable")[:k]
-            out_d.append(np.pad(d[order], (0, k - len(order)), constant_values=PAD_DISTANCE))
-            out_i.append(np.pad(live[order], (0, k - len(order)), constant_values=-1))
+        for q, cont, (dist, ids) in zip(packed, continuous, shortlists):
+            d, i = self._rank(q, cont, dist, ids, index.reconstruct(ids), k)
+            out_d.append(np.pad(d, (0, k - len(d)), constant_values=PAD_DISTANCE))
+            out_i.append(np.pad(i, (0, k - len(i)), constant_values=-1))
         return np.array(out_d), np.array(out_i)
+
+    def _rank(
+        self, q: np.ndarray, cont: np.ndarray, dist: np.ndarray, ids: np.ndarray, codes: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Order one query's shortlist (``ids [m]``, Hamming ``dist [m]``, packed ``codes [m, B]``)
+        and keep the first ``k``."""
+        # One score per distinct code, so that identical codes tie exactly and the id decides.
+        rows = np.ascontiguousarray(codes).view(np.dtype((np.void, codes.shape[1]))).ravel()
+        _, first, inv = np.unique(rows, return_index=True, return_inverse=True)  # faster than axis=0
+        signs = unpack_codes(codes[first], self.bits).astype(np.float64)  # [u, bits]
+        # For +-1 codes, <q, b> = sum|q| - 2 * sum of |q_j| over the bits where b disagrees with
+        # sign(q): the larger it is, the less sure the query was of the bits that differ.
+        score = (signs @ cont.astype(np.float64))[inv]
+        if self.bit_weights is not None:
+            dist = weighted_hamming(unpack_codes(q[None], self.bits), signs, self.bit_weights)[0][inv]
+        order = np.lexsort((ids, -score, dist))[:k]
+        return dist[order], ids[order]
 
     def _hits(self, dist: np.ndarray, ids: np.ndarray, target: str) -> list[Hit]:
         keep = ids >= 0
@@ -215,9 +257,11 @@ class RetrievalEngine:
         self, queries: list[Any], labels: list[str], source: str, target: str, k: int
     ) -> list[SearchResult]:
         t0 = time.perf_counter()
-        packed = self.encode_texts(queries) if source == "text" else self.encode_images(queries)
+        encode = self.encode_texts if source == "text" else self.encode_images
+        continuous = encode(queries, binarize=False)
+        packed = pack_codes(continuous)
         t1 = time.perf_counter()
-        dist, ids = self._search(packed, target, k)
+        dist, ids = self._search(packed, target, k, continuous)
         t2 = time.perf_counter()
         results = []
         for q, code, d, i in zip(labels, packed, dist, ids):
@@ -313,8 +357,7 @@ class RetrievalEngine:
             return None
         if not isinstance(metrics, dict):
             return None
-        rows = {k: v for k, v in metrics.items() if isinstance(v, dict) and v}
-        return {k: v for k, v in rows.items() if all(isinstance(x, dict) for x in v.values())} or None
+        return metric_rows(metrics) or None
 
     def close(self) -> None:
         self.store.close()
@@ -327,6 +370,39 @@ def _check_spec(run_dir: Path, bits: int, manifest: dict[str, Any]) -> None:
             f"{run_dir}: code length differs: {MODEL_SPEC} says {bits} bits, "
             f"manifest.json {manifest.get('bits')} bits; re-run crossmodal train and index"
         )
+
+
+def _tie_shortlist(
+    index: BinaryIndex, packed: np.ndarray, n: int, limit: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per query, ``(dist, ids)`` of the ``n`` nearest items by Hamming distance and of every item
+    tied with the ``n``-th (``n <= index.ntotal``), so that no order inside a tie depends on FAISS.
+
+    A query whose last fetched item still ties the ``n``-th fetches the rest of the tie: a range
+    search (flat and ivf, whose range search visits what their search visits), else searches for
+    4x more. Either stops ``limit`` items past the ``n``-th, cutting a larger tie.
+    """
+    limit = min(index.ntotal, n + limit)
+    fetch = min(limit, max(2 * n, n + 64))  # one search suffices unless a tie is large
+    rows, found = np.arange(len(packed)), [None] * len(packed)
+    while True:
+        dist, ids = index.search(packed[rows], max(fetch, 1))
+        for r, d, i in zip(rows, dist, ids):
+            found[r] = (d, i)
+        open_tie = (ids[:, -1] >= 0) & (dist[:, -1] <= dist[:, n - 1])
+        if fetch >= limit or not open_tie.any():
+            break
+        rows, fetch = rows[open_tie], min(limit, 4 * fetch)
+        if index.kind in ("flat", "ivf"):  # one more pass instead of several larger searches
+            radius = int(dist[open_tie, n - 1].max())
+            for r, (d, i) in zip(rows, index.range_search(packed[rows], radius)):
+                found[r] = (d[:limit], i[:limit])  # sorted by distance, then id
+            break
+    out = []
+    for d, i in found:  # sorted by distance; padding (id -1) comes last, at PAD_DISTANCE
+        keep = (i >= 0) & (d <= d[n - 1])
+        out.append((d[keep], i[keep]))
+    return out
 
 
 def _label(image: ImageInput) -> str:

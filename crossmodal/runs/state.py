@@ -1,0 +1,59 @@
+"""The one set of "is this step done?" checks on a run folder.
+
+``crossmodal prepare``, the ``--if-missing`` flags of the CLI and the grid all ask these,
+so they agree: a step is done when the manifest lists its files and they exist. A file
+left on disk but no longer listed (as after ``invalidate_products``) does not count.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from crossmodal.runs.folder import EVAL_FILES, MANIFEST, check_run
+from crossmodal.runs.model import MODEL_SPEC, WEIGHTS
+
+INDEX_PARTS = ("image.index", "text.index", "store.sqlite")
+
+
+def _listed(run_dir: Path) -> tuple[dict[str, Any], bool]:
+    if not (run_dir / MANIFEST).exists():
+        return {}, False
+    return check_run(run_dir), True
+
+
+def _has(run_dir: Path, manifest: dict[str, Any], names: tuple[str, ...]) -> bool:
+    files = manifest.get("files", {})
+    return all(name in files and (run_dir / name).is_file() for name in names)
+
+
+def is_trained(run_dir: str | os.PathLike[str]) -> bool:
+    """A finished training: the manifest lists the model's weights and spec, and both exist.
+
+    Raises:
+        RunError: the run folder is from another version, or its manifest is corrupt.
+    """
+    run_dir = Path(run_dir)
+    manifest, exists = _listed(run_dir)
+    return exists and _has(run_dir, manifest, (WEIGHTS, MODEL_SPEC))
+
+
+def is_indexed(run_dir: str | os.PathLike[str], kind: str | None = None) -> bool:
+    """Trained and indexed (with an index of ``kind``, when given: another kind is re-indexed)."""
+    run_dir = Path(run_dir)
+    if not is_trained(run_dir):
+        return False
+    manifest = check_run(run_dir)
+    info = manifest.get("index")
+    return (isinstance(info, dict) and (kind is None or info.get("kind") == kind)
+            and _has(run_dir, manifest, INDEX_PARTS))  # fmt: skip
+
+
+def is_evaluated(run_dir: str | os.PathLike[str]) -> bool:
+    """Trained and evaluated: the manifest lists the report of the current model."""
+    run_dir = Path(run_dir)
+    if not is_trained(run_dir):
+        return False
+    manifest = check_run(run_dir)
+    return "eval" in manifest and _has(run_dir, manifest, EVAL_FILES)

@@ -1,0 +1,130 @@
+"""Objectives that keep what captions say: graded similarity, the instance-level contrastive
+term and label names as training texts (issue: keyword search that finds the thing)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from crossmodal.config import ConfigError, load_config
+from crossmodal.fit import FitOptions, TensorInputs, TrainData, fit, info_nce
+from crossmodal.losses import Similarity, create_loss
+from crossmodal.models.hasher import TwoTowerHasher
+
+LABELS = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 1], [1, 1, 1]], dtype=torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("binary", [[1, 1, 0, 1]]),
+        ("cosine", [[1, 1 / math.sqrt(2), 0, 2 / math.sqrt(6)]]),
+        ("jaccard", [[1, 1 / 2, 0, 2 / 3]]),
+    ],
+)
+def test_similarity_modes_by_hand(mode, expected):
+    sim = Similarity(LABELS, 4, mode=mode)
+    got = sim.target(torch.tensor([0]))
+    assert torch.allclose(got, torch.tensor(expected, dtype=torch.float32), atol=1e-6)
+    assert torch.allclose(sim.target(torch.tensor([0]), torch.tensor([3, 2])), got[:, [3, 2]])
+
+
+def test_similarity_without_labels_is_same_item_in_every_mode():
+    for mode in ("binary", "cosine", "jaccard"):
+        got = Similarity(None, 3, mode=mode).target(torch.tensor([1]))
+        assert got.tolist() == [[0.0, 1.0, 0.0]]
+
+
+def test_info_nce_by_hand():
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    p = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
+    cos = torch.tensor([[1.0, 1 / math.sqrt(2)], [0.0, 1 / math.sqrt(2)]]) / 0.5
+    expected = -(torch.log_softmax(cos, 1).diagonal()).mean()
+    assert float(info_nce(a, p, 0.5)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(info_nce(a, a, 0.01)) < 1e-6  # each matches itself, far from the other
+
+
+class Features(torch.nn.Module):
+    pretrained = True
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.feature_dim = dim
+
+
+def test_the_contrastive_term_pulls_an_item_to_its_own_text():
+    """Two classes of 20 near-identical items: with labels alone the codes of a class
+    collapse onto one code; the instance term keeps the items apart, so an item's text
+    finds its own image (expected Hamming rank, ties counted half)."""
+    rng = np.random.default_rng(0)
+    n, dim = 40, 24
+    cls = np.arange(n) % 2
+    base = rng.normal(size=(2, dim))[cls] * 2 + 0.3 * rng.normal(size=(n, dim))
+    xi = torch.tensor(base + 0.02 * rng.normal(size=(n, dim)), dtype=torch.float32)
+    xt = torch.tensor(base @ rng.normal(size=(dim, dim)) / 5, dtype=torch.float32)
+    labels = np.eye(2, dtype=np.uint8)[cls]
+    ranks, distinct = {}, {}
+    for weight in (0.0, 5.0):
+        torch.manual_seed(0)
+        model = TwoTowerHasher(Features(dim), Features(dim), 16)
+        data = TrainData({"image": TensorInputs(xi), "text": TensorInputs(xt)}, np.arange(n), labels)
+        loss = create_loss("dcmh", eta=0.01, pos_weight="balanced")
+        state = fit(model, loss, data, FitOptions(epochs=60, batch_size=10, lr=1e-2, contrastive=weight))
+        assert ("image/contrastive" in state.history[-1]) == bool(weight)
+        with torch.no_grad():
+            bi = model.encode_image(xi, binarize=True, from_features=True)
+            bt = model.encode_text(xt, binarize=True, from_features=True)
+        d = 8 - bt @ bi.T / 2  # [n texts, n images] Hamming distances of 16-bit codes
+        own = d.diagonal()[:, None]
+        ranks[weight] = float(((d < own).sum(1) + 0.5 * ((d == own).sum(1) - 1)).float().mean())
+        distinct[weight] = len({tuple(r.tolist()) for r in bi})
+    assert distinct[0.0] == 2 and ranks[0.0] == 9.5  # collapsed: the own image is one of 20 tied
+    assert distinct[5.0] > 20 and ranks[5.0] < 3, (ranks, distinct)
+
+
+def test_graded_similarity_reaches_the_pairwise_losses():
+    """With cosine similarity a pair sharing one of two labels is no longer a full positive."""
+    labels = np.array([[1, 1], [1, 0], [0, 1], [1, 1]], dtype=np.uint8)
+    x = torch.randn(4, 8)
+    losses = {}
+    for mode in ("binary", "cosine"):
+        torch.manual_seed(0)
+        model = TwoTowerHasher(Features(8), Features(8), 8)
+        data = TrainData({"image": TensorInputs(x), "text": TensorInputs(x)}, np.arange(4), labels)
+        state = fit(model, create_loss("dpsh"), data, FitOptions(epochs=1, batch_size=4, similarity=mode))
+        losses[mode] = state.history[0]["image/inter"]
+    assert losses["binary"] != pytest.approx(losses["cosine"])
+
+
+def test_label_names_become_training_texts(workdir):
+    from crossmodal.data import create_dataset
+    from crossmodal.features import label_text, text_variants
+
+    assert label_text("word:cat") == "cat" and label_text("subgroup:animal-mammal") == "animal mammal"
+    ds = create_dataset("tiny_colours", n=8)
+    plain, plain_offsets = text_variants(ds)
+    texts, offsets = text_variants(ds, label_texts=True)
+    first = texts[offsets[0] : offsets[1]]
+    assert first[0] == plain[plain_offsets[0]] == "a red square ; red"  # the joined text stays first
+    assert "square" in first and first.count("red") == 1  # label names, none repeating a caption
+    assert all(texts[offsets[i]] == plain[plain_offsets[i]] for i in range(len(ds)))
+
+
+def test_the_label_texts_option_keys_its_own_feature_cache(workdir):
+    from tinyrun import tiny_config
+
+    from crossmodal.features import tower_description
+
+    off = tower_description(tiny_config(workdir), "text")
+    on = tower_description(tiny_config(workdir, "train.label_texts=true"), "text")
+    assert "label_texts" not in off and on == {**off, "label_texts": True}
+
+
+def test_bad_objective_settings_are_refused():
+    with pytest.raises(ConfigError, match="loss.similarity must be one of binary, cosine, jaccard"):
+        load_config(None, ["loss.similarity=graded"])
+    with pytest.raises(ConfigError, match="loss.contrastive must be >= 0"):
+        load_config(None, ["loss.contrastive=-1"])
