@@ -387,7 +387,10 @@ def load_engine(run: str) -> RetrievalEngine:
         return RetrievalEngine.load(run)
     except (RunError, StoreError, OSError, ValueError) as exc:
         log.debug("loading %s failed", run, exc_info=True)
-        sys.stderr.write(f"{PROG}: cannot open run {run}: {exc}\n{TRAIN_HINT.format(run=run)}\n")
+        # the error says what to run; a folder that is no run at all gets the way to make one
+        is_run = Path(run).is_dir() and (Path(run) / "manifest.json").exists()
+        hint = "" if is_run else TRAIN_HINT.format(run=run)
+        sys.stderr.write(f"{PROG}: cannot open run {run}: {exc}\n" + (f"{hint}\n" if hint else ""))
         raise SystemExit(2) from None
 
 

@@ -205,6 +205,7 @@ def fit(
     on_epoch: Callable[[Progress], None] | None = None,
     frozen: dict[str, bool] | None = None,
     progress: bool = False,
+    reseed: bool = True,
 ) -> TrainState:
     """Train ``model`` with ``loss`` on ``data``; return the state (history, best epoch and score).
 
@@ -215,6 +216,8 @@ def fit(
         on_epoch: called after every epoch (``last`` set on the final one), e.g. to checkpoint.
         frozen: towers whose weights ``trainable_state`` leaves out (frozen pretrained towers).
         progress: show a progress bar over epochs.
+        reseed: seed torch's generator with ``options.seed`` first; a caller that seeded it
+            itself before building what ``data`` needs (a vocabulary, a new layer) passes False.
 
     Returns:
         The final ``TrainState``; the model holds the best validated weights (the last
@@ -223,7 +226,8 @@ def fit(
     opts = options or FitOptions()
     device = torch.device(opts.device)
     frozen = frozen or {m: False for m in MODALITIES}
-    torch.manual_seed(opts.seed)
+    if reseed:
+        torch.manual_seed(opts.seed)
     model.activation = loss.activation
     model.to(device)
     loss.to(device)

@@ -303,3 +303,52 @@ def test_killed_dataset_build_leaves_nothing_that_looks_complete(kill, tmp_path,
     assert any(p.name.startswith(".imagefolder-") for p in data_dir.iterdir())  # only hidden leftovers
     ds = open_dataset("imagefolder", {"root": str(folder)})  # rebuilt, not taken from the leftovers
     assert len(ds) == 12 and ds.captions(0) == ["a red square"]
+
+
+def test_an_update_interrupted_between_its_renames_keeps_its_backups(tiny_run, tmp_path, monkeypatch):
+    """Ctrl+C (or a full disk) between two renames: the backups stay for recover_run, which
+    puts the old files back; the state checks see nothing done until then."""
+    from crossmodal.runs.state import is_indexed
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    before = file_bytes(run)
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):  # the staged manifest, the journal, image.index, then text.index
+        calls.append(Path(dst).name)
+        if Path(dst).name == "text.index":
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    with pytest.raises(KeyboardInterrupt), RunUpdate(run) as update:
+        update.path("image.index").write_bytes(b"new image index")
+        update.path("text.index").write_bytes(b"new text index")
+        monkeypatch.setattr(os, "replace", replace)
+        update.commit(index={"kind": "flat"})
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert calls[-2:] == ["image.index", "text.index"]
+    assert (run / "image.index").read_bytes() == b"new image index"  # half replaced
+    assert (run / JOURNAL).exists() and not is_indexed(run)
+    assert recover_run(run)
+    assert file_bytes(run) == before and leftovers(run) == []
+    assert is_indexed(run)
+
+
+def test_forget_never_deletes_outside_the_run(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    with RunUpdate(run) as update:
+        update.forget("../victim.txt", str(victim), "image.index")
+        update.commit()
+    assert victim.read_text() == "keep me" and not (run / "image.index").exists()
+
+
+@pytest.mark.parametrize("text", ["[]", "null", '"x"', '{"files": null}', '{"files": {"a": 1}}'])
+def test_a_manifest_of_the_wrong_shape_is_one_clear_error(tiny_run, tmp_path, text):
+    from crossmodal.runs.folder import ManifestError
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    (run / "manifest.json").write_text(text)
+    with pytest.raises(ManifestError, match="rebuild the run with: crossmodal prepare --config"):
+        RetrievalEngine.load(run)

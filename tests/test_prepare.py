@@ -225,7 +225,7 @@ def test_an_interrupted_retraining_leaves_an_untrained_run(workdir, monkeypatch)
         with pytest.raises(Interrupt):  # crossmodal train over the trained run, killed early
             train_run(load_config(None, [*recipe, "train.epochs=3"]), progress=False)
     assert not is_trained(run)  # never the old weights beside the new config and splits
-    with pytest.raises(RunError, match="crossmodal train"):
+    with pytest.raises(RunError, match=f"create it with: crossmodal prepare --config {run / 'config.yaml'}"):
         RetrievalEngine.load(run)
 
 

@@ -147,11 +147,13 @@ def test_installed_wheel_serves_a_run_from_another_folder(installed, tiny_run, t
     proc, log = start_server(installed, tiny_run, free_port(), folder)
     try:
         url = wait_until_up(proc, log)
-        *_, result = Client(url, verbose=False).predict("red", 5, api_name="/text_to_images")
+        client = Client(url, verbose=False)
+        *_, result = client.predict("red", 5, api_name="/text_to_images")
+        client.close()  # an open client connection would hold up the server's graceful shutdown
         assert result["error"] is None and len(result["hits"]) == 5, result
         assert all("red" in h["labels"] for h in result["hits"]), [h["labels"] for h in result["hits"]]
         proc.send_signal(signal.SIGINT)  # Ctrl+C, as the start-up line says
-        assert proc.wait(timeout=30) == 0, log.read_text()[-4000:]
+        assert proc.wait(timeout=90) == 0, log.read_text()[-4000:]
     finally:
         if proc.poll() is None:
             proc.kill()

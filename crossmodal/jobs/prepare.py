@@ -19,7 +19,14 @@ from crossmodal.data import open_dataset
 from crossmodal.jobs.eval import eval_run, summary_table
 from crossmodal.jobs.index import index_run
 from crossmodal.jobs.train import check_names, checkpoint_differences, checkpoint_state, train_run
-from crossmodal.runs.folder import RunError, RunFormatError, check_run, load_run_config, recover_run
+from crossmodal.runs.folder import (
+    ManifestError,
+    RunError,
+    RunFormatError,
+    check_run,
+    load_run_config,
+    recover_run,
+)
 from crossmodal.runs.state import is_evaluated, is_indexed, is_trained
 
 STEPS = ("data", "train", "index", "eval")
@@ -85,6 +92,9 @@ def prepare_run(
         if not exc.older:
             raise
         say(f"[2/{n}] train: {str(exc).split(':')[0]}; retraining it")
+        trained = False
+    except ManifestError as exc:  # a corrupt manifest vouches for nothing: the run is rebuilt
+        say(f"[2/{n}] train: {str(exc).split(' (')[0]}; retraining the run")
         trained = False
     if trained:
         differ = recipe_differences(run_dir, cfg)

@@ -87,6 +87,8 @@ def train_run(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
     options = FitOptions.from_config(cfg.train, cfg.loss)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    # one seeded stream from here: a vocabulary tower creates its first layer when it is fitted
+    torch.manual_seed(cfg.train.seed)
     inputs = prepare_inputs(cfg, model, dataset, splits.train, frozen, options.device, progress)
     timings["features"] = round(time.perf_counter() - t0, 3)
     data = TrainData(inputs, splits.train, dataset.labels_matrix(), splits.val)
@@ -94,7 +96,8 @@ def train_run(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
     t0 = time.perf_counter()
     try:
         state = fit(model, loss, data, options, resume=checkpoints.load(options.device) if resume else None,
-                    on_epoch=checkpoints.on_epoch, frozen=frozen, progress=progress)  # fmt: skip
+                    on_epoch=checkpoints.on_epoch, frozen=frozen, progress=progress,
+                    reseed=False)  # fmt: skip
     except ResumeError as exc:
         hint = "remove that folder to train from scratch"
         raise RunError(f"cannot resume from {checkpoints.dir}: {exc}; {hint}") from None

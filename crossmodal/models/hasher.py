@@ -170,13 +170,26 @@ class HasherSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> HasherSpec:
-        """Raises ``ValueError`` naming the keys that are missing or unknown."""
+    def from_dict(cls, raw: Any) -> HasherSpec:
+        """Raises ``ValueError`` naming the keys that are missing, unknown or of the wrong type."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"model spec must be a JSON object, got {type(raw).__name__}")
         names = {f.name for f in cls.__dataclass_fields__.values()}
         unknown, missing = set(raw) - names, {"bits", "image_tower", "text_tower"} - set(raw)
         if unknown or missing:
             raise ValueError(f"model spec: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
-        return cls(**raw)
+        spec = cls(**raw)
+        types = {"bits": int, "image_tower": dict, "text_tower": dict, "head": str, "head_hidden": int,
+                 "activation": str, "bit_weights": bool, "tower_files": list}  # fmt: skip
+        wrong = [k for k, t in types.items() if not isinstance(getattr(spec, k), t) or
+                 (t is int and isinstance(getattr(spec, k), bool))]  # fmt: skip
+        if wrong or spec.head_hidden <= 0 or not isinstance(spec.image_tower.get("name"), str) \
+                or not isinstance(spec.text_tower.get("name"), str):  # fmt: skip
+            raise ValueError(f"model spec: bad values for {wrong or ['head_hidden or a tower name']}")
+        if not all(isinstance(f, str) and f and "/" not in f and "\\" not in f and not f.startswith(".")
+                   for f in spec.tower_files):  # fmt: skip
+            raise ValueError(f"model spec: tower_files must be plain file names, got {spec.tower_files}")
+        return spec
 
 
 def build_hasher(spec: HasherSpec, pretrained: bool | None = None) -> TwoTowerHasher:

@@ -37,6 +37,10 @@ class RunError(RuntimeError):
     """A run folder is missing, incomplete or incompatible; the message says what to run."""
 
 
+class ManifestError(RunError):
+    """A run's manifest.json is unreadable or malformed: it vouches for nothing."""
+
+
 class RunFormatError(RunError):
     """A run folder written by a crossmodal with another run format; it must be re-trained.
 
@@ -56,9 +60,17 @@ def read_manifest(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
             f"train one with: crossmodal train --config configs/openmoji.yaml"
         )
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunError(f"{path} is corrupt ({exc}); re-run: crossmodal train") from None
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # unreadable, a folder, not UTF-8, not JSON
+        hint = f"rebuild the run with: {rebuild_command(run_dir)}"
+        raise ManifestError(f"{path} is corrupt ({exc}); {hint}") from None
+    files = manifest.get("files", {}) if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise ManifestError(
+            f"{path} is not a crossmodal manifest (a JSON object with a 'files' object of checksums); "
+            f"rebuild the run with: {rebuild_command(run_dir)}"
+        )
+    return manifest
 
 
 def rebuild_command(run_dir: str | os.PathLike[str]) -> str:
@@ -101,10 +113,7 @@ def check_run(
         raise RunError(f"{run_dir} has {manifest.get('bits')}-bit codes, expected {bits}")
     for name in need:
         if name not in manifest.get("files", {}) or not (run_dir / name).exists():
-            hint = (
-                "crossmodal index --run" if name.endswith((".index", ".sqlite")) else "crossmodal train --run"
-            )
-            raise RunError(f"{run_dir} has no {name}; create it with: {hint} {run_dir}")
+            raise RunError(f"{run_dir} has no {name}; create it with: {command_for(run_dir, name)}")
     verify_files(run_dir, manifest, verify)
     return manifest
 
@@ -128,11 +137,21 @@ def verify_files(run_dir: str | os.PathLike[str], manifest: dict[str, Any], name
             why = f"an interrupted update ({JOURNAL}) left {run_dir} half-replaced"
         else:
             why = "it changed or is damaged"
-        again = "crossmodal index --run" if name in INDEX_FILES else "crossmodal train --run"
-        raise RunError(
-            f"{path} {state} the checksum in {MANIFEST}: {why}; re-run the interrupted command "
-            f"(e.g. {again} {run_dir}) to rebuild it"
-        )
+        if (run_dir / JOURNAL).exists():
+            what = f"re-run the interrupted command (e.g. {command_for(run_dir, name)})"
+        else:
+            what = f"rebuild it with: {command_for(run_dir, name)}"
+        raise RunError(f"{path} {state} the checksum in {MANIFEST}: {why}; {what}")
+
+
+def command_for(run_dir: str | os.PathLike[str], name: str) -> str:
+    """The command that writes run file ``name`` again: index files by ``crossmodal index``,
+    evaluation by ``crossmodal eval``, the rest (the model) by ``rebuild_command``."""
+    if name in INDEX_FILES:
+        return f"crossmodal index --run {run_dir}"
+    if name.startswith("eval/"):
+        return f"crossmodal eval --run {run_dir}"
+    return rebuild_command(run_dir)
 
 
 class RunUpdate:
@@ -162,6 +181,7 @@ class RunUpdate:
         self.committed = False
         self._adopted: list[str] = []
         self._forgotten: list[str] = []
+        self._journaled = False
 
     def __enter__(self) -> RunUpdate:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -169,7 +189,9 @@ class RunUpdate:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.dir is not None and not self.committed:
+        # Once the journal is written, the staging folder holds the backups recover_run needs:
+        # an update interrupted from there on (Ctrl+C, a full disk) leaves it for recover_run.
+        if self.dir is not None and not self.committed and not self._journaled:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def path(self, name: str) -> Path:
@@ -190,7 +212,11 @@ class RunUpdate:
         self._adopted += names
 
     def forget(self, *names: str) -> None:
-        """Unlist files in the next manifest; they are deleted once it is in place."""
+        """Unlist files in the next manifest; they are deleted once it is in place.
+
+        A name that is not a run file name (``../x``, an absolute path) is unlisted but
+        never deleted: nothing outside the run folder is touched.
+        """
         self._forgotten += names
 
     def _staged(self) -> list[str]:
@@ -232,6 +258,7 @@ class RunUpdate:
         write_json_atomic(
             self.run_dir / JOURNAL, {"staging": self.dir.name, "files": order, "existing": existing}
         )
+        self._journaled = True
         for name in order:
             (self.run_dir / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.dir / name, self.run_dir / name)
@@ -239,15 +266,21 @@ class RunUpdate:
         self.committed = True
         shutil.rmtree(self.dir, ignore_errors=True)
         for name in self._forgotten:  # no longer vouched for: safe to delete
-            if name not in names:
+            if name not in names and _is_run_file_name(name):
                 (self.run_dir / name).unlink(missing_ok=True)
         return manifest
 
 
-def _check_name(name: str) -> None:
+def _is_run_file_name(name: object) -> bool:
+    if not isinstance(name, str) or not name or "\\" in name:
+        return False
     parts = Path(name).parts
-    if not parts or Path(name).is_absolute() or any(p in ("..", "") or p.startswith(".") for p in parts) \
-            or name == MANIFEST or len(parts) > 2:  # fmt: skip
+    return (bool(parts) and not Path(name).is_absolute() and name != MANIFEST and len(parts) <= 2
+            and not any(p in ("..", "") or p.startswith(".") for p in parts))  # fmt: skip
+
+
+def _check_name(name: str) -> None:
+    if not _is_run_file_name(name):
         raise ValueError(f"{name!r} is not a run file name (a plain name, or one folder and a name)")
 
 
@@ -276,12 +309,25 @@ def recover_run(run_dir: str | os.PathLike[str]) -> bool:
     if rolled_back:
         try:
             plan = json.loads(journal.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise RunError(f"{journal} is unreadable ({exc}); delete it and re-run the command") from None
-        staging = run_dir / plan["staging"]
-        for name in plan["files"]:
+            staging = run_dir / plan["staging"]
+            names, existing = list(plan["files"]), set(plan["existing"])
+            if not str(plan["staging"]).startswith(STAGING_PREFIX) or "/" in str(plan["staging"]):
+                raise ValueError(f"staging folder {plan['staging']!r}")
+            if not all(n == MANIFEST or _is_run_file_name(n) for n in names):
+                raise ValueError("names outside the run folder")
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise RunError(
+                f"{journal} is unreadable ({exc}); delete it and rebuild the run with: "
+                f"{rebuild_command(run_dir)}"
+            ) from None
+        if existing and not (staging / ".old").is_dir():  # a backup missing later was restored already
+            raise RunError(
+                f"{run_dir}: an interrupted update cannot be rolled back (its backups in {staging.name} "
+                f"are gone); rebuild the run with: {rebuild_command(run_dir)}"
+            )
+        for name in names:
             backup = staging / ".old" / name
-            if name not in plan["existing"]:
+            if name not in existing:
                 (run_dir / name).unlink(missing_ok=True)
             elif backup.exists():
                 os.replace(backup, run_dir / name)

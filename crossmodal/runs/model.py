@@ -108,7 +108,7 @@ def load_model(run_dir: str | os.PathLike[str]) -> TwoTowerHasher:
         extra = {name: (run_dir / name).read_text(encoding="utf-8") for name in spec.tower_files}
         if extra:
             model.text_tower.load_extra_state(extra)
-    except (OSError, ValueError) as exc:  # a missing, binary or malformed vocab.json
+    except (OSError, ValueError, TypeError, KeyError) as exc:  # a missing, binary or malformed vocab.json
         raise RunError(f"{run_dir}: cannot read the text tower's files {spec.tower_files}: {exc}") from None
     try:  # safetensors holds tensors only: nothing in the file can run code
         state = load_file(str(run_dir / WEIGHTS))

@@ -11,21 +11,26 @@ import os
 from pathlib import Path
 from typing import Any
 
-from crossmodal.runs.folder import EVAL_FILES, MANIFEST, check_run
+from crossmodal.io import sha256_file
+from crossmodal.runs.folder import EVAL_FILES, JOURNAL, MANIFEST, check_run
 from crossmodal.runs.model import MODEL_SPEC, WEIGHTS
 
 INDEX_PARTS = ("image.index", "text.index", "store.sqlite")
 
 
 def _listed(run_dir: Path) -> tuple[dict[str, Any], bool]:
-    if not (run_dir / MANIFEST).exists():
-        return {}, False
+    if not (run_dir / MANIFEST).exists() or (run_dir / JOURNAL).exists():  # a journal: an update
+        return {}, False  # was interrupted, and nothing is done until recover_run has rolled it back
     return check_run(run_dir), True
 
 
-def _has(run_dir: Path, manifest: dict[str, Any], names: tuple[str, ...]) -> bool:
+def _has(run_dir: Path, manifest: dict[str, Any], names: tuple[str, ...], verify: bool = False) -> bool:
     files = manifest.get("files", {})
-    return all(name in files and (run_dir / name).is_file() for name in names)
+    def ok(name: str) -> bool:
+        path = run_dir / name
+        return name in files and path.is_file() and (not verify or sha256_file(path) == files[name])
+
+    return all(ok(name) for name in names)
 
 
 def is_trained(run_dir: str | os.PathLike[str]) -> bool:
@@ -51,9 +56,9 @@ def is_indexed(run_dir: str | os.PathLike[str], kind: str | None = None) -> bool
 
 
 def is_evaluated(run_dir: str | os.PathLike[str]) -> bool:
-    """Trained and evaluated: the manifest lists the report of the current model."""
+    """Trained and evaluated: the manifest lists the report of the current model, unchanged."""
     run_dir = Path(run_dir)
     if not is_trained(run_dir):
         return False
     manifest = check_run(run_dir)
-    return "eval" in manifest and _has(run_dir, manifest, EVAL_FILES)
+    return "eval" in manifest and _has(run_dir, manifest, EVAL_FILES, verify=True)  # small files
