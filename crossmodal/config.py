@@ -31,7 +31,9 @@ class ConfigError(ValueError):
 # nothing: ``data.options`` (the OpenMoji builder's defaults are the recipe's) and
 # ``loss.params`` (DCMH's own defaults are the paper's, eta = 1, which the recipe replaces).
 # Holding OpenMoji's or DCMH's values there would hand them to any other dataset or loss that
-# an override names. Runtime knobs keep machine-neutral defaults. tests/test_config.py checks
+# an override names. The terms a recipe adds on top of its method (loss.contrastive,
+# train.label_texts) are off, so that a bare config is the method as its paper states it.
+# Runtime knobs keep machine-neutral defaults. tests/test_config.py checks
 # all of this against the recipe file.
 
 # Split sizes are DataConfig keys, never builder options: a builder only declares its default protocol.
