@@ -59,3 +59,13 @@ def tiny_run_copy(tiny_run, tmp_path) -> Path:
     run = tmp_path / tiny_run.name
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoint"))
     return run
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_run):
+    """A ``RetrievalEngine`` on the tiny run (read only), closed after the module."""
+    from crossmodal.serving import RetrievalEngine
+
+    eng = RetrievalEngine.load(tiny_run)
+    yield eng
+    eng.close()

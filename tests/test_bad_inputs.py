@@ -173,13 +173,6 @@ def write_case(folder: Path, case: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_run):
-    eng = RetrievalEngine.load(tiny_run)
-    yield eng
-    eng.close()
-
-
-@pytest.fixture(scope="module")
 def app_module():
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))

@@ -14,13 +14,6 @@ from crossmodal.serving import RetrievalEngine
 from crossmodal.text import QueryError
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_run):
-    eng = RetrievalEngine.load(tiny_run)
-    yield eng
-    eng.close()
-
-
 def test_all_four_directions_answer(engine, tiny_run):
     dataset = open_dataset("tiny_colours")
     db = open_run_data(tiny_run).splits["database"]

@@ -18,13 +18,6 @@ BITS = 16
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_run):
-    eng = RetrievalEngine.load(tiny_run)
-    yield eng
-    eng.close()
-
-
-@pytest.fixture(scope="module")
 def items(tiny_run):
     """The tiny dataset and its database item ids."""
     return open_dataset("tiny_colours"), [int(i) for i in open_run_data(tiny_run).splits["database"]]
