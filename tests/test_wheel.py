@@ -47,6 +47,10 @@ CHILD = textwrap.dedent(
                 sys.stderr.write({CHECKOUT_MARK!r} + " " + args[0] + "\\n")
 
     sys.addaudithook(audit)
+    import signal
+    # a test run started in the background (make test &) passes SIGINT on as ignored; the
+    # server is stopped with Ctrl+C below, so it gets Python's own handler back
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.meta_path[:] = [f for f in sys.meta_path if not f.__module__.startswith("__editable__")]
     sys.path_hooks[:] = [h for h in sys.path_hooks if not h.__module__.startswith("__editable__")]
     sys.path[:0] = [target, plugins]
