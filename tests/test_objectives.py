@@ -128,3 +128,28 @@ def test_bad_objective_settings_are_refused():
         load_config(None, ["loss.similarity=graded"])
     with pytest.raises(ConfigError, match="loss.contrastive must be >= 0"):
         load_config(None, ["loss.contrastive=-1"])
+
+
+@pytest.mark.parametrize("name", ["dcmh", "dpsh", "dhn"])
+def test_every_pairwise_likelihood_loss_has_the_pair_weighting_switch(name):
+    """pos_weight w multiplies the likelihood of similar pairs: with only similar pairs in a
+    batch the inter term scales by w exactly; "balanced" is dissimilar / similar pairs."""
+    torch.manual_seed(0)
+    labels = torch.ones(6, 1)  # every pair similar
+    sim = Similarity(labels, 6)
+    u, other = torch.randn(3, 8), torch.randn(6, 8)
+    from crossmodal.losses import LossBatch
+
+    def inter(pos_weight):
+        loss = create_loss(name, pos_weight=pos_weight)
+        loss.prepare(6, 8, sim)
+        batch = LossBatch("image", u, torch.arange(3), other.clone(), other, torch.sign(other), sim)
+        return float(loss(batch)["inter"])
+
+    assert inter(3.0) == pytest.approx(3 * inter(1.0), rel=1e-6)
+    rare = Similarity(torch.eye(4), 4)  # 1 similar pair in 4 per row: balanced weight 3
+    loss = create_loss(name, pos_weight="balanced")
+    loss.prepare(4, 8, rare)
+    assert loss.pos_weight == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="pos_weight must be a number or 'balanced'"):
+        create_loss(name, pos_weight="often")

@@ -139,6 +139,32 @@ class HashLoss(nn.Module):
         return None
 
 
+class WeightedPairs:
+    """The pair-weighting switch the pairwise-likelihood losses share (DCMH, DPSH, DHN).
+
+    ``pos_weight`` multiplies the likelihood terms of similar pairs; ``"balanced"`` sets it,
+    in ``prepare``, to the ratio of dissimilar to similar training pairs (weighted maximum
+    likelihood, as in HashNet, Cao et al. 2017), which data with rare similar pairs need.
+    The papers' own form is ``pos_weight = 1``.
+    """
+
+    pos_weight: float = 1.0
+    pos_weight_option: float | str = 1.0
+
+    def set_pos_weight(self, pos_weight: float | str) -> None:
+        """Raises ``ValueError`` for anything but a number or ``"balanced"``."""
+        number = isinstance(pos_weight, int | float) and not isinstance(pos_weight, bool)
+        if not (pos_weight == "balanced" or number):
+            raise ValueError(f"pos_weight must be a number or 'balanced', got {pos_weight!r}")
+        self.pos_weight_option = pos_weight
+        self.pos_weight = float(pos_weight) if pos_weight != "balanced" else 1.0
+
+    def prepare_pos_weight(self, sim: Similarity) -> None:
+        if self.pos_weight_option == "balanced":
+            p = similar_fraction(sim)
+            self.pos_weight = (1.0 - p) / p if 0.0 < p < 1.0 else 1.0
+
+
 def softplus_stable(x: torch.Tensor) -> torch.Tensor:
     """log(1 + e^x) = max(x, 0) + log(1 + e^-|x|): finite for any |x|."""
     return torch.clamp(x, min=0) + torch.log1p(torch.exp(-torch.abs(x)))

@@ -20,11 +20,11 @@ from __future__ import annotations
 import torch
 
 from crossmodal.losses import register_loss
-from crossmodal.losses.base import HashLoss, LossBatch, Similarity, pairwise_nll, similar_fraction
+from crossmodal.losses.base import HashLoss, LossBatch, Similarity, WeightedPairs, pairwise_nll
 
 
 @register_loss("dcmh")
-class DCMHLoss(HashLoss):
+class DCMHLoss(WeightedPairs, HashLoss):
     def __init__(
         self,
         gamma: float = 1.0,
@@ -35,15 +35,10 @@ class DCMHLoss(HashLoss):
     ) -> None:
         super().__init__()
         self.gamma, self.eta, self.inter, self.intra = gamma, eta, inter, intra
-        if not (pos_weight == "balanced" or isinstance(pos_weight, int | float)):
-            raise ValueError(f"pos_weight must be a number or 'balanced', got {pos_weight!r}")
-        self.pos_weight_option = pos_weight
-        self.pos_weight = float(pos_weight) if pos_weight != "balanced" else 1.0
+        self.set_pos_weight(pos_weight)
 
     def prepare(self, n: int, bits: int, sim: Similarity) -> None:
-        if self.pos_weight_option == "balanced":
-            p = similar_fraction(sim)
-            self.pos_weight = (1.0 - p) / p if 0.0 < p < 1.0 else 1.0
+        self.prepare_pos_weight(sim)
 
     def forward(self, batch: LossBatch) -> dict[str, torch.Tensor]:
         f, idx = batch.codes, batch.index
