@@ -155,13 +155,7 @@ def trainable_state(
 
 def load_trainable_state(model: TwoTowerHasher, loss: HashLoss, state: dict[str, torch.Tensor]) -> None:
     """Restore ``trainable_state``. Raises ``ValueError`` when it does not fit the model."""
-    model_state = {k[6:]: v for k, v in state.items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(model_state, strict=False)
-    bad_missing = [k for k in missing if not k.startswith(("image_tower.", "text_tower."))]
-    if bad_missing or unexpected:
-        raise ValueError(
-            f"model weights do not match the model: missing {bad_missing}, unexpected {unexpected}"
-        )
+    model.load_trained_state({k[6:]: v for k, v in state.items() if k.startswith("model.")})
     loss.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("loss.")}, strict=True)
 
 

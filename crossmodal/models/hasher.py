@@ -125,6 +125,20 @@ class TwoTowerHasher(nn.Module):
             raise ValueError(f"unknown activation {self.activation!r}; known: {', '.join(ACTIVATIONS)}")
         return sign(codes) if binarize else codes
 
+    def load_trained_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load saved weights; only tower weights may be absent (frozen towers are not saved).
+
+        Raises:
+            ValueError: other keys are missing or unexpected.
+            RuntimeError: a tensor of the wrong shape.
+        """
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        bad_missing = [k for k in missing if not k.startswith(("image_tower.", "text_tower."))]
+        if bad_missing or unexpected:
+            raise ValueError(
+                f"model weights do not match the model: missing {bad_missing}, unexpected {unexpected}"
+            )
+
     def encode_image(
         self, x: torch.Tensor, binarize: bool = False, from_features: bool = False
     ) -> torch.Tensor:

@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -117,22 +116,8 @@ def load_model(run_dir: str | os.PathLike[str]) -> TwoTowerHasher:
             f"{run_dir}/{WEIGHTS} is not a valid safetensors file ({exc}); re-run crossmodal train"
         ) from None
     try:
-        load_weights(model, state)
+        model.load_trained_state(state)
     except (ValueError, RuntimeError) as exc:
         raise RunError(f"{run_dir}/{WEIGHTS} does not fit the model in {MODEL_SPEC}: {exc}") from None
     model.eval()
     return model
-
-
-def load_weights(model: TwoTowerHasher, state: dict[str, torch.Tensor]) -> None:
-    """Load saved weights; only tower weights may be absent (frozen towers are not saved).
-
-    Raises:
-        ValueError: other keys are missing or unexpected.
-    """
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    bad_missing = [k for k in missing if not k.startswith(("image_tower.", "text_tower."))]
-    if bad_missing or unexpected:
-        raise ValueError(
-            f"model weights do not match the model: missing {bad_missing}, unexpected {unexpected}"
-        )

@@ -18,14 +18,18 @@ from crossmodal.runs.model import MODEL_SPEC, WEIGHTS
 INDEX_PARTS = ("image.index", "text.index", "store.sqlite")
 
 
-def _listed(run_dir: Path) -> tuple[dict[str, Any], bool]:
-    if not (run_dir / MANIFEST).exists() or (run_dir / JOURNAL).exists():  # a journal: an update
-        return {}, False  # was interrupted, and nothing is done until recover_run has rolled it back
-    return check_run(run_dir), True
+def _trained(run_dir: Path) -> dict[str, Any] | None:
+    """The manifest of a finished training, or None (none, or an update interrupted: nothing is
+    done until recover_run has rolled it back)."""
+    if not (run_dir / MANIFEST).exists() or (run_dir / JOURNAL).exists():
+        return None
+    manifest = check_run(run_dir)
+    return manifest if _has(run_dir, manifest, (WEIGHTS, MODEL_SPEC)) else None
 
 
 def _has(run_dir: Path, manifest: dict[str, Any], names: tuple[str, ...], verify: bool = False) -> bool:
     files = manifest.get("files", {})
+
     def ok(name: str) -> bool:
         path = run_dir / name
         return name in files and path.is_file() and (not verify or sha256_file(path) == files[name])
@@ -39,18 +43,14 @@ def is_trained(run_dir: str | os.PathLike[str]) -> bool:
     Raises:
         RunError: the run folder is from another version, or its manifest is corrupt.
     """
-    run_dir = Path(run_dir)
-    manifest, exists = _listed(run_dir)
-    return exists and _has(run_dir, manifest, (WEIGHTS, MODEL_SPEC))
+    return _trained(Path(run_dir)) is not None
 
 
 def is_indexed(run_dir: str | os.PathLike[str], kind: str | None = None) -> bool:
     """Trained and indexed (with an index of ``kind``, when given: another kind is re-indexed)."""
     run_dir = Path(run_dir)
-    if not is_trained(run_dir):
-        return False
-    manifest = check_run(run_dir)
-    info = manifest.get("index")
+    manifest = _trained(run_dir)
+    info = manifest.get("index") if manifest else None
     return (isinstance(info, dict) and (kind is None or info.get("kind") == kind)
             and _has(run_dir, manifest, INDEX_PARTS))  # fmt: skip
 
@@ -58,7 +58,5 @@ def is_indexed(run_dir: str | os.PathLike[str], kind: str | None = None) -> bool
 def is_evaluated(run_dir: str | os.PathLike[str]) -> bool:
     """Trained and evaluated: the manifest lists the report of the current model, unchanged."""
     run_dir = Path(run_dir)
-    if not is_trained(run_dir):
-        return False
-    manifest = check_run(run_dir)
-    return "eval" in manifest and _has(run_dir, manifest, EVAL_FILES, verify=True)  # small files
+    manifest = _trained(run_dir)
+    return bool(manifest) and "eval" in manifest and _has(run_dir, manifest, EVAL_FILES, verify=True)

@@ -319,10 +319,6 @@ class RetrievalEngine:
         vocab = getattr(self.model.text_tower, "vocab", None)
         return vocab.oov_words(query) if vocab is not None and hasattr(vocab, "oov_words") else []
 
-    def image_path(self, stored: str) -> str:
-        """The absolute path of an image path as the store holds it ("" stays "")."""
-        return self._image_path(stored)
-
     def image_roots(self) -> list[Path]:
         """The folders the run's images live in: its thumbnails, the dataset's image folder and
         any folders added with ``crossmodal index --add``. Never the run folder itself."""
