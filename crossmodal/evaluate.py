@@ -20,14 +20,18 @@ Two orderings of tied items are reported:
 * **stable**: ties broken by database order (MATLAB's stable sort, as the DCMH reference
   code does); keys without suffix (``"map"``, ``"p@100"``...).
 * **tie-aware**: the expected value over all orderings of tied items, each equally likely
-  (Jiang, Li & Li, "On the Evaluation Metric for Hashing", 2019); keys ending ``_tie``.
+  (McSherry & Najork, "Computing Information Retrieval Performance Measures Efficiently in
+  the Presence of Tied Scores", ECIR 2008; for Hamming ranking, He, Cakir, Bargal &
+  Sclaroff, "Hashing as Tie-Aware Learning to Rank", CVPR 2018); keys ending ``_tie``.
 
 Relevance
 ---------
 Multi-hot labels (relevant when sharing at least one label; the graded relevance used by
 NDCG is the number of shared labels), item keys (relevant only when keys are equal, the
 "same image" protocol of captions-only datasets), or an explicit graded matrix for tiny
-cases.
+cases. Every metric but NDCG is binary: an item is relevant when its graded relevance is
+``> 0`` (a matrix entry of 0.5 is relevant); NDCG alone uses the graded values themselves,
+fractions included. A matrix entry ``<= 0`` is not relevant; NaN or inf is refused.
 
 Metric definitions (R = number of relevant database items of a query, rel_i = 1 when the
 item at rank i is relevant, cum_i = rel_1 + ... + rel_i):
@@ -49,6 +53,12 @@ item at rank i is relevant, cum_i = rel_1 + ... + rel_i):
   ``p_radius2`` is precision(2), the usual "precision within Hamming radius 2" with that
   same convention (0 for a query that retrieves nothing). Unweighted Hamming only;
   these are sets, so stable and tie-aware agree.
+* ``pr_radius_pooled``: the same curve over all (query, item) pairs at once, as DCMH's
+  reference code and the older hashing code it builds on compute it: precision(r) =
+  (relevant pairs with d <= r, summed over queries) / (pairs with d <= r), recall(r) =
+  (relevant pairs with d <= r) / (all relevant pairs); 0 where the denominator is 0. A query
+  that retrieves many items weighs more here than in ``pr_radius``. ``pr_by_radius(...,
+  pooled=True)`` gives it alone; the run report plots ``pr_radius`` (the mean over queries).
 
 What a user sees
 ----------------
@@ -225,9 +235,13 @@ def _as_words(packed: np.ndarray) -> np.ndarray:
 class _Relevance:
     """Relevance of a block of queries against the database.
 
-    ``block(rows, graded=True)`` gives ``[c, n_db]`` small unsigned ints (shared-label
-    counts, or 0/1 for keys); ``graded=False`` gives a bool matrix, which is cheaper.
+    ``block(rows, graded=True)`` gives ``[c, n_db]`` small unsigned grade indices (shared-label
+    counts, 0/1 for keys, or positions in ``values`` for a matrix); ``graded=False`` gives a
+    bool matrix (relevant: grade > 0), which is cheaper. ``values[g]`` is the graded relevance
+    of grade index ``g`` (``None``: the index is the value), used only by NDCG.
     """
+
+    values: np.ndarray | None = None
 
     def __init__(self, n_query: int, n_db: int, *, query_labels: Any = None, db_labels: Any = None,
                  query_keys: Any = None, db_keys: Any = None, relevance: Any = None) -> None:
@@ -251,14 +265,24 @@ class _Relevance:
             self.matrix = np.asarray(relevance)
             if self.matrix.shape != (n_query, n_db):
                 raise ValueError(f"relevance must be [{n_query}, {n_db}], got {self.matrix.shape}")
+            if self.matrix.dtype == object or not np.isfinite(self.matrix.astype(np.float64)).all():
+                raise ValueError("relevance must hold finite numbers (got NaN, inf or non-numbers)")
+            levels = np.unique(self.matrix[self.matrix > 0]).astype(np.float64)
+            if levels.size > 65535:
+                raise ValueError(f"relevance has {levels.size} distinct positive values; at most 65535")
+            self.values = np.concatenate([[0.0], levels])  # grade index -> graded value
 
     def block(self, rows: slice, graded: bool = True) -> np.ndarray:
         if self.kind == "keys":
             eq = self.q[rows, None] == self.db[None, :]  # [c, n_db]
             return eq.astype(np.uint8) if graded else eq
         if self.kind == "matrix":
-            m = np.clip(np.asarray(self.matrix[rows]), 0, 255)
-            return np.rint(m).astype(np.uint8) if graded else m > 0
+            m = np.asarray(self.matrix[rows])
+            if not graded:
+                return m > 0
+            assert self.values is not None
+            dtype = np.uint8 if self.values.size <= 256 else np.uint16
+            return np.searchsorted(self.values, np.where(m > 0, m, 0.0)).astype(dtype)
         both = self.q[rows, None, :] & self.db[None, :, :]  # [c, n_db, words]
         if not graded:
             return both[..., 0] != 0 if both.shape[2] == 1 else both.any(axis=2)
@@ -383,6 +407,10 @@ def _row_groups(d: np.ndarray, grade: np.ndarray, n_groups: int | None, order: n
     the sorted order (``G = n_db``, padded with empty groups).
     """
     n_grades = len(gains) if gains is not None else 2
+    if n_groups is not None and n_grades > 256:  # many graded values: one bincount per statistic
+        size = np.bincount(d, minlength=n_groups)
+        rel = np.bincount(d[grade > 0], minlength=n_groups)
+        return size, rel, None if gains is None else np.bincount(d, weights=gains[grade], minlength=n_groups)
     if n_groups is not None:
         bins = n_groups * n_grades
         dtype = np.uint8 if bins <= 256 else np.uint16 if bins <= 65536 else np.intp
@@ -424,11 +452,18 @@ def _stable_row(rel_sorted: np.ndarray, gain_top: np.ndarray | None, spec: _Spec
     return out
 
 
-def _chunk_metrics(d: np.ndarray, rel_block: np.ndarray, spec: _Spec, n_groups: int | None) -> dict[str, Any]:
-    """All per-query metrics of one chunk: ``{key: [c] or [c, G] array}``."""
+def _chunk_metrics(d: np.ndarray, rel_block: np.ndarray, spec: _Spec, n_groups: int | None,
+                   values: np.ndarray | None = None) -> dict[str, Any]:
+    """All per-query metrics of one chunk: ``{key: [c] or [c, G] array}``.
+
+    ``rel_block`` holds grade indices (relevant: > 0); ``values[g]`` is the graded relevance of
+    index ``g`` (default: ``g`` itself), which only NDCG's gains read.
+    """
     c = d.shape[0]
     grade = rel_block.view(np.uint8) if rel_block.dtype == np.bool_ else rel_block  # [c, n_db]
-    gains = _gain(np.arange(int(grade.max(initial=0)) + 1), spec.ndcg_gain) if spec.ndcg_ks else None
+    top_grade = int(grade.max(initial=0))
+    levels = np.arange(top_grade + 1) if values is None else values[: top_grade + 1]
+    gains = _gain(levels, spec.ndcg_gain) if spec.ndcg_ks else None  # [grades]
     need_order = spec.stable or (n_groups is None and spec.tie_aware)
     need_groups = spec.tie_aware or spec.pr_radius
     order = np.argsort(d, axis=1, kind="stable") if need_order else None  # [c, n_db]
@@ -444,7 +479,8 @@ def _chunk_metrics(d: np.ndarray, rel_block: np.ndarray, spec: _Spec, n_groups: 
             grade_counts.append(np.bincount(grade[i], minlength=len(gains)))
     out: dict[str, Any] = {"n_rel": np.count_nonzero(grade, axis=1)}
     out.update({key: np.array([r[key] for r in rows]) for key in (rows[0] if rows else {})})
-    idcg = {k: _ideal_dcg(np.stack(grade_counts), k, spec) for k in spec.ndcg_ks} if gains is not None else {}
+    idcg = ({k: _ideal_dcg(np.stack(grade_counts), k, spec, gains) for k in spec.ndcg_ks}
+            if gains is not None else {})
     if need_groups:
         g = _Groups(*(None if x[0] is None else np.stack(x) for x in zip(*groups, strict=True)))
         if spec.tie_aware:
@@ -461,15 +497,16 @@ def _safe_div(num: Any, den: Any) -> np.ndarray:
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
 
 
-def _ideal_dcg(grade_counts: np.ndarray, k: int, spec: _Spec) -> np.ndarray:
-    """DCG@k of the ideal ordering, from the count of each relevance grade per query ``[c, grades]``."""
+def _ideal_dcg(grade_counts: np.ndarray, k: int, spec: _Spec, gains: np.ndarray) -> np.ndarray:
+    """DCG@k of the ideal ordering, from the count of each relevance grade per query ``[c, grades]``
+    (grades in increasing order of gain, ``gains[g]`` the gain of grade ``g``)."""
     disc = spec.tables["discount"]
     kk = min(k, spec.n_db)
     idcg = np.zeros(grade_counts.shape[0])
     start = np.zeros(grade_counts.shape[0], dtype=np.int64)
     for v in range(grade_counts.shape[1] - 1, 0, -1):  # best grade first
         end = np.minimum(start + grade_counts[:, v], kk)
-        idcg += _gain(np.array(v), spec.ndcg_gain) * (disc[end] - disc[np.minimum(start, kk)])
+        idcg += gains[v] * (disc[end] - disc[np.minimum(start, kk)])
         start = start + grade_counts[:, v]
     return idcg
 
@@ -529,10 +566,12 @@ def _hypergeom_pmf(x: np.ndarray, n: int, r: int, m: int) -> np.ndarray:
 
 
 def _radius_metrics(g: _Groups, n_rel: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-query precision and recall of the items within each Hamming radius ``[c, bits + 1]``."""
+    """Per-query precision and recall of the items within each Hamming radius ``[c, bits + 1]``,
+    and the counts behind them (items and relevant items within each radius) for pooling."""
     within = np.cumsum(g.n, axis=1)
     hits = np.cumsum(g.r, axis=1)
-    return {"_pr_precision": _safe_div(hits, within), "_pr_recall": _safe_div(hits, n_rel[:, None])}
+    return {"_pr_precision": _safe_div(hits, within), "_pr_recall": _safe_div(hits, n_rel[:, None]),
+            "_pr_within": within, "_pr_hits": hits}
 
 
 # ----------------------------------------------------------------------------------------
@@ -577,7 +616,8 @@ def evaluate_retrieval(
         db: database codes or embeddings, same kind as ``query``.
         query_labels, db_labels: multi-hot labels ``[n, n_labels]`` (relevant: >= 1 shared).
         query_keys, db_keys: item keys (relevant: equal keys; "same image").
-        relevance: explicit graded relevance ``[n_query, n_db]`` (small cases only).
+        relevance: explicit graded relevance ``[n_query, n_db]`` (small cases only): relevant
+            where ``> 0`` for every metric; the values themselves grade NDCG.
         metric: ``"hamming"`` or ``"cosine"``.
         bit_weights: per-bit weights for weighted Hamming (``metric="hamming"`` only).
         ks: cut-offs for precision@k and recall@k.
@@ -595,7 +635,8 @@ def evaluate_retrieval(
     Returns:
         A JSON-ready dict of means: ``map``, ``map_tie``, ``map@k``, ``p@k``, ``r@k``,
         ``ndcg@k`` (each with ``_tie``), ``p_radius2``, ``pr_radius`` (``radius``,
-        ``precision``, ``recall`` lists), ``n_query``, ``n_db``, ``n_query_no_relevant``.
+        ``precision``, ``recall`` lists, averaged over queries), ``pr_radius_pooled`` (the
+        same over all pairs), ``n_query``, ``n_db``, ``n_query_no_relevant``.
     """
     if map_k_norm not in MAP_K_NORMS:
         raise ValueError(f"unknown map_k_norm {map_k_norm!r}; valid: {', '.join(MAP_K_NORMS)}")
@@ -618,7 +659,7 @@ def evaluate_retrieval(
     blocks = list(_chunks(scorer.n_query, scorer.n_db, chunk_size, max_chunk_elements))
     for rows in tqdm(blocks, desc="evaluate", disable=None, leave=False):
         block = rel.block(rows, graded=bool(spec.ndcg_ks))
-        values = _chunk_metrics(scorer.distances(rows), block, spec, scorer.n_groups)
+        values = _chunk_metrics(scorer.distances(rows), block, spec, scorer.n_groups, rel.values)
         for key, v in values.items():
             parts.setdefault(key, []).append(v)
     per = {key: np.concatenate(v) for key, v in parts.items()} if parts else {}
@@ -634,9 +675,13 @@ def _summarise(per: dict[str, np.ndarray], spec: _Spec, scorer: _Scorer, per_que
             out[key] = float(v.mean()) if v.size else 0.0
     if "_pr_precision" in per:
         prec, rec = per["_pr_precision"].mean(axis=0), per["_pr_recall"].mean(axis=0)
-        out["pr_radius"] = {"radius": list(range(len(prec))), "precision": prec.tolist(),
-                            "recall": rec.tolist()}
+        radii = list(range(len(prec)))
+        out["pr_radius"] = {"radius": radii, "precision": prec.tolist(), "recall": rec.tolist()}
         out[f"p_radius{spec.radius}"] = float(prec[min(spec.radius, len(prec) - 1)])
+        hits = per["_pr_hits"].sum(axis=0)  # relevant pairs within each radius, all queries
+        pooled_prec = _safe_div(hits, per["_pr_within"].sum(axis=0))
+        out["pr_radius_pooled"] = {"radius": radii, "precision": pooled_prec.tolist(),
+                                   "recall": _safe_div(hits, n_rel.sum()).tolist()}
     if per_query:
         out["per_query"] = {k.lstrip("_"): v for k, v in per.items()}
     logger.debug("evaluated %d queries x %d items: map=%s", scorer.n_query, scorer.n_db, out.get("map"))
@@ -769,18 +814,29 @@ def ndcg_at_k(query: np.ndarray, db: np.ndarray, k: int, *, tie_aware: bool = Fa
     return res[f"ndcg@{k}" + ("_tie" if tie_aware else "")]
 
 
-def pr_by_radius(query: np.ndarray, db: np.ndarray, **kw: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Mean precision and recall of the items within Hamming radius 0..bits: two ``[bits + 1]`` arrays."""
+def pr_by_radius(query: np.ndarray, db: np.ndarray, *, pooled: bool = False,
+                 **kw: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall of the items within Hamming radius 0..bits: two ``[bits + 1]`` arrays.
+
+    Args:
+        pooled: False (default) averages each query's precision and recall (``pr_radius``);
+            True pools all (query, item) pairs first, as DCMH's reference code does
+            (``pr_radius_pooled``). Definitions: module docstring.
+        kw: relevance and other ``evaluate_retrieval`` options.
+    """
     res = evaluate_retrieval(query, db, ks=(), ndcg_ks=(), stable=False, tie_aware=False, pr_radius=True,
                              **kw)
     if "pr_radius" not in res:
         raise ValueError("precision-recall by radius needs plain Hamming codes (no bit_weights, no cosine)")
-    return np.asarray(res["pr_radius"]["precision"]), np.asarray(res["pr_radius"]["recall"])
+    curve = res["pr_radius_pooled" if pooled else "pr_radius"]
+    return np.asarray(curve["precision"]), np.asarray(curve["recall"])
 
 
-def precision_within_radius(query: np.ndarray, db: np.ndarray, radius: int = 2, **kw: Any) -> float:
-    """Mean precision of the items within Hamming distance <= ``radius`` (0 for a query with none)."""
-    precision, _ = pr_by_radius(query, db, **kw)
+def precision_within_radius(query: np.ndarray, db: np.ndarray, radius: int = 2, *, pooled: bool = False,
+                            **kw: Any) -> float:
+    """Precision of the items within Hamming distance <= ``radius``: the mean over queries (0 for a
+    query with none), or with ``pooled`` the fraction of relevant pairs among all pairs within it."""
+    precision, _ = pr_by_radius(query, db, pooled=pooled, **kw)
     return float(precision[min(radius, len(precision) - 1)])
 
 

@@ -202,7 +202,9 @@ DEFINITIONS = (
     "mAP: mAP over the whole database, ties in Hamming distance broken by database order "
     "(DCMH protocol; queries without a relevant item count 0). Tie-aware: the expected value "
     "over all orderings of tied items. NDCG@k: graded by the number of shared labels. "
-    "P@k: precision of the top k."
+    "P@k: precision of the top k. PR by Hamming radius: precision and recall of the items within "
+    "each radius, averaged over queries (the pooled all-pairs curve of DCMH's reference code is "
+    "pr_radius_pooled in metrics.json)."
 )
 SECTIONS = ("keyword", "codes")  # metrics.json keys beside its {row: {direction: metrics}} rows
 

@@ -480,3 +480,98 @@ def test_self_rank_random_and_weighted_against_reference():
         np.testing.assert_array_equal(res["per_item"]["rank"], ref)
         assert res["top10"] == pytest.approx(np.mean(ref <= 10))
         assert res["median_rank"] == pytest.approx(np.median(ref))
+
+
+# --- explicit relevance matrices: binary metrics see "> 0", NDCG sees the graded values --------
+def test_fractional_relevance_is_relevant_for_every_binary_metric():
+    # reported against hashing repos' evaluation code: graded relevance rounded away
+    # (a 0.5 similarity rounded to 0 gave mAP 0 with NDCG on and 1 with it off)
+    q, db = np.ones((1, 8), np.int8), np.ones((1, 8), np.int8)
+    for ndcg_ks in ((1,), ()):
+        res = evaluate_retrieval(q, db, relevance=[[0.5]], ks=(1,), ndcg_ks=ndcg_ks)
+        assert res["map"] == 1.0 and res["map_tie"] == 1.0
+        assert res["p@1"] == 1.0 and res["r@1"] == 1.0 and res["n_query_no_relevant"] == 0
+        assert res["pr_radius"]["precision"][0] == 1.0
+    assert evaluate_retrieval(q, db, relevance=[[0.5]])["map"] == 1.0  # defaults: NDCG on
+    assert map_at_all(q, db, relevance=[[0.5]]) == 1.0  # NDCG off
+    assert ndcg_at_k(q, db, 1, relevance=[[0.5]]) == 1.0
+
+
+def test_graded_matrix_hand_case():
+    # one query, items at Hamming distance 0, 1, 2 with graded relevance 0.5, 0, 2.0 (and -1 = not)
+    q = np.ones((1, 8), np.int8)
+    db = np.ones((4, 8), np.int8)
+    db[1, :1] = db[2, :2] = db[3, :3] = -1
+    rel = np.array([[0.5, 0.0, 2.0, -1.0]])
+    res = evaluate_retrieval(q, db, relevance=rel, ks=(1, 2, 4), map_ks=(2,))
+    assert res["map"] == pytest.approx((1 / 1 + 2 / 3) / 2)  # relevant at ranks 1 and 3
+    assert res["map@2"] == 1.0 and res["p@2"] == 0.5 and res["r@2"] == 0.5 and res["r@4"] == 1.0
+    # NDCG, linear gains = the values: DCG@4 = 0.5 + 0 + 2 / log2(4); ideal [2, 0.5, 0, 0]
+    assert res["ndcg@4"] == pytest.approx(1.5 / (2 + 0.5 / math.log2(3)))
+    assert res["ndcg@4_tie"] == pytest.approx(res["ndcg@4"])  # no ties
+    # exponential gains 2^g - 1
+    got = evaluate_retrieval(q, db, relevance=rel, ks=(4,), ndcg_gain="exp")["ndcg@4"]
+    g_half = math.sqrt(2) - 1
+    assert got == pytest.approx((g_half + 3 / 2) / (3 + g_half / math.log2(3)))
+
+
+def test_relevance_matrix_with_non_finite_values_is_refused():
+    # reported against hashing repos' evaluation code: NaN similarities silently counted as relevant
+    q, db = np.ones((1, 8), np.int8), np.ones((2, 8), np.int8)
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="finite"):
+            evaluate_retrieval(q, db, relevance=[[1.0, bad]])
+
+
+def test_shared_label_matrix_equals_the_labels_path():
+    counts = Q_LABELS @ DB_LABELS.T  # graded relevance = number of shared labels
+    by_labels = evaluate_retrieval(Q, DB, **HAND, ks=(1, 3), map_ks=(3,))
+    by_matrix = evaluate_retrieval(Q, DB, relevance=counts, ks=(1, 3), map_ks=(3,))
+    floats = {k: v for k, v in by_labels.items() if isinstance(v, float)}
+    assert floats and floats == pytest.approx({k: by_matrix[k] for k in floats})
+
+
+@pytest.mark.parametrize("n_db", [40, 400])  # 400: more distinct graded values than 256 in one block
+def test_many_graded_values_against_a_numpy_reference(n_db):
+    rng = np.random.default_rng(3)
+    q, db = rng.choice([-1, 1], (5, 8)).astype(np.int8), rng.choice([-1, 1], (n_db, 8)).astype(np.int8)
+    rel = np.where(rng.random((5, n_db)) < 0.4, 0.0, rng.random((5, n_db)))
+    res = evaluate_retrieval(q, db, relevance=rel, ks=(10,), per_query=True)
+    binary = evaluate_retrieval(q, db, relevance=rel > 0, ks=(10,), ndcg_ks=())
+    for key in ("map", "map_tie", "p@10", "p@10_tie", "r@10"):
+        assert res[key] == pytest.approx(binary[key])
+    d = (q[:, None, :] != db[None, :, :]).sum(axis=2)
+    disc = 1 / np.log2(np.arange(2, 12))
+    for i in range(5):
+        gains = rel[i][np.argsort(d[i], kind="stable")][:10]
+        ideal = np.sort(rel[i])[::-1][:10]
+        assert res["per_query"]["ndcg@10"][i] == pytest.approx(gains @ disc / (ideal @ disc))
+        # tie-aware: each tie group contributes its mean gain at each of its positions
+        order = np.argsort(d[i], kind="stable")
+        mean_gain = {v: rel[i][d[i] == v].mean() for v in np.unique(d[i])}
+        expected = np.array([mean_gain[v] for v in d[i][order]])[:10]
+        assert res["per_query"]["ndcg@10_tie"][i] == pytest.approx(expected @ disc / (ideal @ disc))
+
+
+# --- precision-recall by radius: mean over queries, and pooled over all pairs ----------------------
+def test_pr_by_radius_mean_and_pooled_hand_case():
+    # q0: d = [0,1,2,3,4,1], relevant b0, b2, b4 (R = 3): within r = 0..4 -> items 1,3,4,5,6, hits 1,1,2,2,3
+    # q2: d = [2,1,2,1,2,3], relevant b1, b2 (R = 2):    within r = 0..4 -> items 0,2,5,6,6, hits 0,1,2,2,2
+    q, lab = Q[[0, 2]], Q_LABELS[[0, 2]]
+    kw = {"query_labels": lab, "db_labels": DB_LABELS}
+    precision, recall = pr_by_radius(q, DB, **kw)
+    np.testing.assert_allclose(precision, [(1 + 0) / 2, (1 / 3 + 1 / 2) / 2, (2 / 4 + 2 / 5) / 2,
+                                           (2 / 5 + 2 / 6) / 2, (3 / 6 + 2 / 6) / 2])  # fmt: skip
+    np.testing.assert_allclose(recall, [(1 / 3 + 0) / 2, (1 / 3 + 1 / 2) / 2, (2 / 3 + 1) / 2,
+                                        (2 / 3 + 1) / 2, 1])  # fmt: skip
+    pooled_p, pooled_r = pr_by_radius(q, DB, pooled=True, **kw)
+    np.testing.assert_allclose(pooled_p, [1 / 1, 2 / 5, 4 / 9, 4 / 11, 5 / 12])
+    np.testing.assert_allclose(pooled_r, [1 / 5, 2 / 5, 4 / 5, 4 / 5, 5 / 5])
+    assert precision_within_radius(q, DB, pooled=True, **kw) == pytest.approx(4 / 9)
+    assert precision_within_radius(q, DB, **kw) == pytest.approx(0.45)
+    res = evaluate_retrieval(q, DB, **kw)
+    assert res["pr_radius_pooled"]["precision"] == pytest.approx(pooled_p.tolist())
+    # one query: pooling changes nothing
+    one = evaluate_retrieval(Q[2:3], DB, query_labels=Q_LABELS[2:3], db_labels=DB_LABELS)
+    for key in ("precision", "recall"):
+        assert one["pr_radius_pooled"][key] == pytest.approx(one["pr_radius"][key])
