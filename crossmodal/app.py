@@ -73,9 +73,9 @@ def image_source(value: Any) -> Any:
 def run_search(engine: RetrievalEngine, tab: Tab, query: Any, k: Any) -> SearchResult | str:
     """Call the engine for ``tab``; a message string instead of a result for bad input."""
     from crossmodal.images import ImageDecodeError
-    from crossmodal.text import QueryError
+    from crossmodal.text import QueryError, is_blank
 
-    if tab.source == "text" and (not isinstance(query, str) or not query.strip()):
+    if tab.source == "text" and (not isinstance(query, str) or is_blank(query)):
         return "Type one or more keywords first."
     query = query.strip() if tab.source == "text" else image_source(query)
     if query is None:

@@ -204,6 +204,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     except (QueryError, ImageDecodeError) as exc:
         print(f"crossmodal search: {exc}", file=sys.stderr)
         return 2
+    if args.text is not None and (ignored := engine.ignored_words(args.text)):
+        print(f"crossmodal search: ignored, not in the model's vocabulary: {', '.join(ignored)}",
+              file=sys.stderr)  # fmt: skip
     print(format_result(result))
     return 0
 

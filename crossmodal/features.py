@@ -41,19 +41,21 @@ def item_texts(dataset: CrossModalDataset) -> list[str]:
 def image_batch(dataset: CrossModalDataset, tower: Any, indices: np.ndarray) -> torch.Tensor:
     """Decode and preprocess the images of ``indices`` -> ``[b, 3, S, S]``.
 
-    An image that fails to decode becomes a blank (white) image and is logged; the
-    dataset builders already skip undecodable images, so this only guards files that
-    changed on disk after the build.
+    Raises:
+        ImageDecodeError: an image does not decode, naming the item. The dataset builders
+            skip such images (``check_images``), so this is a file that changed on disk
+            since the build, or a build that checked less; it is never replaced by a blank
+            image, which would be trained on, indexed and returned by search.
     """
     out = []
     for row in dataset.image_rows(indices):
         try:
             img = open_image(dataset.image_source(row))
         except ImageDecodeError as exc:
-            log.warning("item %s: %s; using a blank image", row["id"], exc)
-            from PIL import Image
-
-            img = Image.new("RGB", (tower.image_size, tower.image_size), "white")
+            raise ImageDecodeError(
+                f"item {row['id']} of dataset {dataset.name!r}: {exc}; rebuild the dataset "
+                "(force=true, check_images=decode) to leave it out"
+            ) from None
         out.append(tower.preprocess(img))
     return torch.stack(out)
 

@@ -7,12 +7,16 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Images above this many pixels are refused before decoding (decompression bombs).
 MAX_PIXELS = 64_000_000
 # Images larger than this on their longest side are downscaled right after decoding.
 MAX_SIDE = 1024
+# Single-channel modes of more than 8 bits: 16-bit integer layouts, 32-bit integer, 32-bit float.
+DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+WHITE = (255, 255, 255, 255)
 
 
 class ImageDecodeError(ValueError):
@@ -26,14 +30,62 @@ def open_image(
 ) -> Image.Image:
     """Decode ``source`` to an RGB image, honouring EXIF rotation.
 
-    Transparent pixels are composited on white, animations give their first frame,
-    16-bit, CMYK, palette and grayscale images are converted, and the result is
-    downscaled so that its longest side is at most ``max_side``.
+    Every form of transparency (an alpha channel, a transparent palette entry, a
+    transparent colour key in an L or RGB image) is composited on white; animations give
+    their first frame; 16-bit, 32-bit integer and float greyscale images are scaled to
+    0..255 (``deep_to_8bit``); CMYK, palette and greyscale images are converted; the result
+    is downscaled so that its longest side is at most ``max_side``.
 
     Raises:
-        ImageDecodeError: the file is missing, empty, truncated, not an image, or
-            larger than ``max_pixels``.
+        ImageDecodeError: the file is missing, empty, truncated, not an image, larger than
+            ``max_pixels``, or of a kind that cannot be shown as RGB (the message names it).
     """
+    img, name = _open(source, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.seek(0)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"image is truncated or corrupt: {name}: {exc}") from None
+    try:
+        img = _to_rgb(img)
+    except ImageDecodeError as exc:
+        raise ImageDecodeError(f"{exc}: {name}") from None
+    except (OSError, ValueError) as exc:
+        raise ImageDecodeError(f"images of mode {img.mode} cannot be shown as RGB: {name}: {exc}") from None
+    if max(img.size) > max_side:
+        img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+    return img
+
+
+def check_decodes(source: str | os.PathLike[str] | bytes, max_pixels: int = MAX_PIXELS) -> None:
+    """Decode every pixel of ``source`` once, without converting it; the dataset builders' check.
+
+    Unlike ``Image.verify``, which reads the chunk structure only, this finds an image cut
+    short inside its pixel data (a JPEG truncated to 60 % of its bytes verifies). JPEGs are
+    decoded at 1/8 scale, which still reads their whole entropy-coded data.
+
+    Raises:
+        ImageDecodeError: as ``open_image``, for a file that ``open_image`` would refuse
+            while decoding.
+    """
+    img, name = _open(source, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if img.format == "JPEG":
+                img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"image is truncated or corrupt: {name}: {exc}") from None
+    finally:
+        img.close()
+
+
+def _open(source: str | os.PathLike[str] | bytes | Image.Image, max_pixels: int) -> tuple[Image.Image, str]:
+    """The lazily opened image and a name for messages; refuses what cannot be opened or is too big."""
     name = "<image>"
     if isinstance(source, Image.Image):
         img = source
@@ -65,18 +117,7 @@ def open_image(
     w, h = img.size
     if w * h > max_pixels:
         raise ImageDecodeError(f"image too large: {w}x{h} = {w * h:,} pixels, limit {max_pixels:,}: {name}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img.seek(0)
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            img = _to_rgb(img)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"image is truncated or corrupt: {name}: {exc}") from None
-    if max(img.size) > max_side:
-        img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
-    return img
+    return img, name
 
 
 def _looks_like_svg(data: bytes) -> bool:
@@ -84,13 +125,49 @@ def _looks_like_svg(data: bytes) -> bool:
     return head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in data[:4096].lower())
 
 
+def deep_to_8bit(img: Image.Image) -> Image.Image:
+    """A greyscale image of more than 8 bits (``DEEP_MODES``) as ``L``, or ``LA`` when it has a
+    transparent grey value.
+
+    Integers in 0..65535 (every 16-bit layout, and ``I`` images of 16-bit data such as
+    16-bit PNGs) keep their top 8 bits. Floats are taken as 0..1 when none exceeds 1, as
+    0..255 when none exceeds 255, else as 0..65535.
+
+    Raises:
+        ImageDecodeError: values outside those ranges (negative, beyond 65535, NaN or
+            infinite); the message names the mode and the range found.
+    """
+    arr = np.asarray(img)
+    if arr.size and not np.isfinite(arr).all():
+        raise ImageDecodeError(f"{img.mode} image holds NaN or infinite values")
+    low, high = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if low < 0 or high > 65535:
+        raise ImageDecodeError(
+            f"{img.mode} image with values {low:g}..{high:g}: only 0..65535 "
+            "(or 0..1 and 0..255 for floats) can be shown"
+        )
+    if img.mode == "F" and high <= 255:
+        scaled = np.rint(arr * 255.0) if high <= 1 else np.rint(arr)
+    else:
+        scaled = np.rint(arr) // 256 if img.mode == "F" else arr.astype(np.int64) >> 8
+    grey = Image.fromarray(scaled.astype(np.uint8), mode="L")
+    key = img.info.get("transparency")
+    if isinstance(key, int | float) and not isinstance(key, bool):
+        alpha = Image.fromarray(np.where(arr == key, 0, 255).astype(np.uint8), mode="L")
+        return Image.merge("LA", (grey, alpha))
+    return grey
+
+
+def _has_transparency(img: Image.Image) -> bool:
+    if hasattr(img, "has_transparency_data"):  # Pillow >= 10.1
+        return bool(img.has_transparency_data)
+    return img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        img = img.point(lambda v: v / 256).convert("L")
-    if img.mode == "P":
-        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode in DEEP_MODES:
+        img = deep_to_8bit(img)
+    if _has_transparency(img):
+        rgba = img.convert("RGBA")  # applies a palette's alpha and a colour key of L, RGB, P
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE), rgba).convert("RGB")
     return img.convert("RGB")

@@ -1,14 +1,24 @@
-"""Text handling shared by the text towers: a word tokenizer, a bag-of-words vocabulary, query checks.
+"""Text handling shared by the text towers: normalisation, a word tokenizer, a bag-of-words
+vocabulary, query checks.
+
+Text is normalised to Unicode NFKC (``normalize_text``) where it enters: dataset captions
+(``make_record``), vocabularies and queries (``tokenize_words`` and the towers' ``tokenize``),
+so "crème" typed composed, decomposed (NFD) or in a compatibility form (full-width letters,
+ligatures) is one word everywhere.
 
 The bag-of-words towers (``bow_mlp``, ``textcnn``) fit a ``BowVocabulary`` on the training
 captions and save it in the run folder as ``vocab.json``; the transformer towers use their
-own Hugging Face tokenizer. Both kinds reject unusable queries with ``QueryError``.
+own Hugging Face tokenizer. Both kinds reject unusable queries with ``QueryError``, through
+the one check of ``check_query_words``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import sys
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 
@@ -20,43 +30,112 @@ PAD_ID = 0
 UNK_ID = 1
 N_SPECIAL_IDS = 2
 
-_WORD_RE = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
+NORMAL_FORM = "NFKC"
+EMPTY_QUERY_MESSAGE = "the text query is empty; type a few words"
+MAX_NAMED_WORDS = 10  # unknown words named in a message; the rest are counted
 
 
 class QueryError(ValueError):
     """A text query that the model cannot encode meaningfully; the message says why."""
 
 
+def normalize_text(text: str) -> str:
+    """``text`` in Unicode normal form NFKC: composed, with compatibility forms folded
+    (full-width letters, ligatures, circled digits become plain letters and digits)."""
+    return unicodedata.normalize(NORMAL_FORM, text)
+
+
+@functools.cache
+def _word_re() -> re.Pattern[str]:
+    """Words: a letter or digit, then letters, digits and combining marks (which ``\\w`` lacks,
+    so that Devanagari or Thai words and marks without a composed form do not split a word)."""
+    category = unicodedata.category
+    cps = [cp for cp in range(sys.maxunicode + 1) if category(chr(cp))[0] == "M"]
+    ranges: list[list[int]] = []
+    for cp in cps:
+        if ranges and ranges[-1][1] == cp - 1:
+            ranges[-1][1] = cp
+        else:
+            ranges.append([cp, cp])
+    marks = [f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges]
+    part = rf"[^\W_](?:[^\W_]|[{''.join(marks)}])*"
+    return re.compile(rf"{part}(?:'{part})?")
+
+
 def tokenize_words(text: str) -> list[str]:
-    """Split ``text`` into lower-case words (letters and digits; ``_`` and punctuation split).
+    """Split ``text`` into lower-case NFKC words (letters and digits with their combining marks;
+    ``_`` and punctuation split).
 
     Example:
         ``tokenize_words("A Cat's toy, 2x!")`` gives ``["a", "cat's", "toy", "2x"]``.
     """
-    return _WORD_RE.findall(text.lower())
+    return _word_re().findall(normalize_text(normalize_text(text).lower()))
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` holds nothing visible: whitespace, control and format characters only
+    (a zero-width space U+200B, a byte-order mark, a soft hyphen are format characters)."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text)
 
 
 def check_not_empty(text: str) -> None:
-    """Raise ``QueryError`` when ``text`` is empty or only whitespace."""
+    """Raise ``QueryError`` when ``text`` is not a string, or is empty once whitespace,
+    control and format characters are left out (``is_blank``)."""
     if not isinstance(text, str):
         raise QueryError(f"a text query must be a string, got {type(text).__name__}")
-    if not text.strip():
-        raise QueryError("the text query is empty; type a few words")
+    if is_blank(text):
+        raise QueryError(EMPTY_QUERY_MESSAGE)
+
+
+def name_words(words: Iterable[str]) -> str:
+    """Words for a message: the first ``MAX_NAMED_WORDS`` distinct ones, and how many more."""
+    unique = list(dict.fromkeys(words))
+    more = len(unique) - MAX_NAMED_WORDS
+    return ", ".join(unique[:MAX_NAMED_WORDS]) + (f" and {more} more" if more > 0 else "")
+
+
+def check_query_words(text: str, known: list[str], unknown: list[str]) -> None:
+    """The one query check every text tower runs, on the query as its tokenizer reads it.
+
+    Args:
+        text: the query.
+        known: the pieces of the query the tower represents (vocabulary words; for a
+            transformer, tokens other than special and unknown tokens).
+        unknown: the pieces it cannot represent (out-of-vocabulary words, text that became
+            the unknown token).
+
+    Raises:
+        QueryError: the query is empty (``EMPTY_QUERY_MESSAGE``), has no word at all, or
+            none of its words is known (they are named). A query with some unknown words
+            passes; the engine names them as ignored.
+    """
+    check_not_empty(text)
+    if known:
+        return
+    if not unknown:
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise QueryError(f"the text query {shown!r} has no words (letters or digits)")
+    raise QueryError(f"none of the query's words are in the model's vocabulary: {name_words(unknown)}")
 
 
 class BowVocabulary:
     """A fixed word list mapping words to columns of a bag-of-words vector.
 
     Words are ordered by descending training count, ties alphabetically, so fitting the
-    same captions always gives the same vocabulary.
+    same captions always gives the same vocabulary. Words are looked up in their NFKC form,
+    as ``tokenize_words`` gives them; a word list saved before normalisation loads as it is
+    (its size, and so the model's input layer, is unchanged), and a word that normalises
+    to an earlier one answers to that one's column.
     """
 
     def __init__(self, words: Iterable[str]) -> None:
         self.words: list[str] = list(words)
-        self.index: dict[str, int] = {w: i for i, w in enumerate(self.words)}
-        if len(self.index) != len(self.words):
+        if len(set(self.words)) != len(self.words):
             dupes = sorted(w for w, c in Counter(self.words).items() if c > 1)
             raise ValueError(f"vocabulary words must be unique; repeated: {dupes[:10]}")
+        self.index: dict[str, int] = {}
+        for i, w in enumerate(self.words):
+            self.index.setdefault(normalize_text(normalize_text(w).lower()), i)
 
     @classmethod
     def fit(cls, texts: Iterable[str], max_size: int | None = None, min_count: int = 1) -> BowVocabulary:
@@ -90,6 +169,11 @@ class BowVocabulary:
 
     def __contains__(self, word: object) -> bool:
         return word in self.index
+
+    def split_known(self, text: str) -> tuple[list[str], list[str]]:
+        """The words of ``text`` in the vocabulary, and those not in it, in order."""
+        words = tokenize_words(text)
+        return [w for w in words if w in self.index], [w for w in words if w not in self.index]
 
     def oov_words(self, text: str) -> list[str]:
         """The words of ``text`` that are not in the vocabulary, in order, without repeats."""

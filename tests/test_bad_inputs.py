@@ -111,6 +111,17 @@ def check_exif(a: np.ndarray) -> None:
     assert a[3, 16].max() < 40 and a[3, 3].min() > 215 and a[36, 3].min() > 215, "the block must be top-right"
 
 
+def rgb_colour_key_png() -> bytes:
+    """Black with a red left half; black is the transparent colour (PNG tRNS on an RGB image)."""
+    img = Image.new("RGB", (20, 10), (0, 0, 0))
+    img.paste(RED, (0, 0, 10, 10))
+    return encode(img, "PNG", transparency=(0, 0, 0))
+
+
+def check_colour_key(a: np.ndarray) -> None:  # the keyed colour is transparent: white, not black
+    assert tuple(a[5, 2]) == RED and tuple(a[5, 15]) == (255, 255, 255), a[5, 15]
+
+
 def sixteen_bit_png() -> bytes:
     arr = np.zeros((10, 10), np.uint16)
     arr[9, 9] = 50_000
@@ -126,6 +137,12 @@ IMAGE_CASES: dict[str, tuple[str, Callable[[], bytes], str | Callable[[np.ndarra
         "truncated or corrupt",
     ),
     "truncated_jpeg_data": ("cut2.jpg", lambda: noisy_jpeg()[:8000], "truncated or corrupt"),
+    # reported against hashing repos' loaders: a JPEG cut to 60 % of its bytes passed Image.verify()
+    "truncated_jpeg_60pct": (
+        "cut60.jpg",
+        lambda: noisy_jpeg()[: len(noisy_jpeg()) * 6 // 10],
+        "truncated or corrupt",
+    ),
     "truncated_png": (
         "cut.png",
         lambda: encode(Image.new("RGB", (64, 64), RED), "PNG")[:60],
@@ -146,6 +163,14 @@ IMAGE_CASES: dict[str, tuple[str, Callable[[], bytes], str | Callable[[np.ndarra
         check_cmyk,
     ),
     "png_16bit": ("deep.png", sixteen_bit_png, check_16bit),
+    # reported against hashing repos' loaders: a big-endian 16-bit TIFF was refused as "truncated or corrupt"
+    "tiff_16bit_big_endian": (
+        "g.tif",
+        lambda: encode(Image.fromarray(np.full((8, 8), 30000, ">u2")), "TIFF"),
+        lambda a: np.testing.assert_equal(a, 117),
+    ),
+    # reported against hashing repos' loaders: an RGB PNG with transparency=(0, 0, 0) came out black
+    "rgb_colour_key": ("key.png", rgb_colour_key_png, check_colour_key),
     "palette_transparency": ("pal.png", palette_png, check_palette),
     "grayscale": (
         "gray.png",
@@ -276,7 +301,10 @@ def test_header_check_refuses_oversized_images_too(tmp_path):
 TEXT_CASES = {
     "empty": ("", "the text query is empty"),
     "whitespace": (" \t\n  ", "the text query is empty"),
-    "control_only": ("\x00\x07\x1b", "has no words"),
+    "control_only": ("\x00\x07\x1b", "the text query is empty"),
+    # reported against transformer retrieval demos: a zero-width space was answered with arbitrary hits
+    "zero_width_space": ("\u200b", "the text query is empty"),
+    "punctuation_only": ("?!", "has no words"),
     "emoji_only": ("🍎 ❤️", "has no words"),
     "non_latin": ("красный 赤い", "none of the query's words are in the model's vocabulary: красный, 赤い"),
     "all_oov": ("zebra xylophone zebra", "vocabulary: zebra, xylophone"),
@@ -294,7 +322,8 @@ def test_unusable_text_is_refused_by_name(case, engine, app_module):
         assert message in str(err.value)
         assert len(str(err.value)) < 400  # a long query does not make a long message
     answer = app_module.run_search(engine, app_module.TABS[0], query, 5)
-    expected = "Type one or more keywords" if case in ("empty", "whitespace", "not_a_string") else message
+    blank = ("empty", "whitespace", "not_a_string", "control_only", "zero_width_space")
+    expected = "Type one or more keywords" if case in blank else message
     assert isinstance(answer, str) and expected in answer
 
 

@@ -90,7 +90,7 @@ def test_imagefolder_jsonl(jsonl_folder, tmp_path, caplog):
     assert stats["n_missing_images"] == 1 and "missing.png" in stats["missing_images"][0]
     assert stats["n_unsafe_paths"] == 2
     assert stats["n_failed_images"] == 1 and stats["failed_images"] == ["broken.png"]
-    assert "cannot identify image" in stats["undecodable_images"][0]  # the reason is kept too
+    assert "not a readable image (unknown format)" in stats["undecodable_images"][0]  # the reason is kept too
     assert "line 3" in caplog.text and "missing.png" in caplog.text and "outside" in caplog.text
     assert "broken.png" in caplog.text
 

@@ -50,7 +50,10 @@ def tiny_bert_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-bert")
     vocab_file = folder / "vocab.txt"
     vocab_file.write_text("\n".join(TINY_VOCAB) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file))
+    try:  # transformers 5 takes the word list as ``vocab`` (and ignores ``vocab_file``), 4 as ``vocab_file``
+        tokenizer = BertTokenizerFast(vocab=str(vocab_file))
+    except TypeError:
+        tokenizer = BertTokenizerFast(vocab_file=str(vocab_file))
     config = BertConfig(
         vocab_size=len(TINY_VOCAB),
         hidden_size=16,

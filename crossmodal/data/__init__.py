@@ -12,6 +12,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from crossmodal.data.records import (
     RELEVANCE_LABELS,
     CrossModalDataset,
     DatasetInfo,
+    build_guard,
     make_record,
 )
 from crossmodal.registry import Registry
@@ -67,7 +69,8 @@ def open_dataset(name: str, options: dict[str, Any] | None = None) -> CrossModal
     """Create dataset ``name``; builds of file-backed datasets are cached under ``data_dir()``.
 
     The cache key holds the options and the modification time of ``root``, so a dataset
-    whose files changed is rebuilt; ``force=True`` rebuilds regardless.
+    whose files changed is rebuilt; ``force=True`` rebuilds regardless. A build first sweeps
+    what killed builds left under ``data_dir()`` (``records.build_guard``).
 
     Raises:
         UnknownNameError: ``name`` is not a registered dataset.
@@ -83,8 +86,10 @@ def open_dataset(name: str, options: dict[str, Any] | None = None) -> CrossModal
     path = data_dir() / f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
     if (path / "info.json").exists() and not force:
         return CrossModalDataset.load(path)
-    dataset = create_dataset(name, **options)
-    dataset.save(path)
+    targets = rf"(?:{'|'.join(map(re.escape, list_datasets()))})-[0-9a-f]{{12}}"
+    with build_guard(data_dir(), targets):
+        dataset = create_dataset(name, **options)
+        dataset.save(path)
     return CrossModalDataset.load(path)
 
 

@@ -4,7 +4,11 @@ Images stay where they are: rows store their path relative to ``info.image_root`
 (hub datasets, whose images live in the hub cache, store the encoded bytes instead).
 Problems in the annotations (a bad metadata line, a caption for a missing image, a path
 that escapes the folder, an image that does not decode) are reported with where they
-occurred, counted in ``info.stats`` and skipped; the rest loads.
+occurred, counted in ``info.stats`` and skipped; the rest loads. Items without a caption
+are kept as image-only items and reported. Annotation files are read as UTF-8 with or
+without a byte-order mark. Ids taken from the data (COCO image ids, Karpathy file names,
+a hub id column) must be unique: captions and labels point at them, so a file that
+repeats one is refused, naming the ids.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 from PIL import Image
 
 from crossmodal.data import DATA_README, register_dataset
@@ -30,15 +35,24 @@ from crossmodal.data.records import (
     RELEVANCE_LABELS,
     CrossModalDataset,
     DatasetInfo,
+    EmptyDatasetError,
+    check_unique_ids,
     make_record,
 )
 from crossmodal.data.splits import fit_protocol
-from crossmodal.images import MAX_PIXELS, ImageDecodeError, open_image
+from crossmodal.images import MAX_PIXELS, ImageDecodeError, check_decodes, open_image
+from crossmodal.text import is_blank, normalize_text
 
 logger = logging.getLogger(__name__)
 
 LOADER_VERSION = 1
-CHECK_MODES = ("none", "header", "full")
+# none: no check; header: Image.verify (fast, but an image cut short inside its pixel data
+# passes); decode: decode the pixels once (the default); full: open_image (also converts).
+CHECK_MODES = ("none", "header", "decode", "full")
+DEFAULT_CHECK = "decode"
+# Annotation files are UTF-8; "utf-8-sig" also drops the byte-order mark that spreadsheet
+# exports ("CSV UTF-8") and some editors put in front of the first line.
+TEXT_ENCODING = "utf-8-sig"
 TEXT_COLUMNS = ("text", "caption", "captions")
 MAX_REPORTED = 20  # problems listed by name in logs and stats; all are counted
 _INVALID_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that errors="surrogateescape" could not decode
@@ -60,6 +74,7 @@ class Problems:
         self.source = source
         self.items: dict[str, list[str]] = {}
         self.failed_ids: list[str] = []  # ids of images that did not decode
+        self.uncaptioned: list[str] = []  # ids of items kept without a caption (image-only)
 
     def add(self, kind: str, message: str, failed_id: str | None = None) -> None:
         self.items.setdefault(kind, []).append(message)
@@ -71,6 +86,14 @@ class Problems:
     def count(self, kind: str) -> int:
         return len(self.items.get(kind, []))
 
+    def summary(self) -> str:
+        """One line: the count of each kind of problem and its first messages."""
+        parts = [
+            f"{len(m)} {kind.replace('_', ' ')} ({'; '.join(m[:3])}{' ...' if len(m) > 3 else ''})"
+            for kind, m in self.items.items()
+        ]
+        return ", ".join(parts) or "the annotations list no image"
+
     def report(self) -> dict[str, Any]:
         """Log one warning per kind and return the stats entries."""
         out: dict[str, Any] = {}
@@ -79,7 +102,20 @@ class Problems:
             logger.warning("%s: %d %s skipped: %s", self.source, len(messages), kind.replace("_", " "), shown)
             out[f"n_{kind}"] = len(messages)
             out[kind] = messages[:MAX_REPORTED]
+        if self.uncaptioned:
+            ids = self.uncaptioned
+            shown = ", ".join(ids[:MAX_REPORTED]) + (" ..." if len(ids) > MAX_REPORTED else "")
+            logger.warning(
+                "%s: %d items have no caption; kept as image-only items (no text entry): %s",
+                self.source, len(ids), shown,
+            )  # fmt: skip
+        out["n_without_captions"] = len(self.uncaptioned)
+        out["without_captions"] = self.uncaptioned[:MAX_REPORTED]
         return out
+
+    def no_items(self) -> EmptyDatasetError:
+        """The error for a build where every row was rejected, saying why."""
+        return EmptyDatasetError(f"{self.source}: no usable item; {self.summary()}; see {DATA_README}")
 
 
 # -- shared helpers --------------------------------------------------------------------------
@@ -104,12 +140,12 @@ def safe_relpath(root: Path, name: str) -> str | None:
 
 
 def check_image(source: Path | bytes, mode: str) -> str | None:
-    """Return why ``source`` is not a usable image, or None if it is (per ``mode``)."""
+    """Return why ``source`` is not a usable image, or None if it is (per ``mode``, see ``CHECK_MODES``)."""
     if mode == "none":
         return None
-    if mode == "full":
+    if mode in ("decode", "full"):
         try:
-            open_image(source)
+            check_decodes(source) if mode == "decode" else open_image(source)
         except ImageDecodeError as exc:
             return str(exc)
         return None
@@ -141,7 +177,7 @@ def _as_captions(value: Any) -> list[str]:
                 return _as_captions(json.loads(text))
             except json.JSONDecodeError:
                 pass
-        return [text] if text else []
+        return [] if is_blank(text) else [text]
     if isinstance(value, Iterable):
         return [c for v in value for c in _as_captions(v)]
     return [str(value)]
@@ -158,7 +194,7 @@ def _as_labels(value: Any, separator: str | None) -> list[str]:
             except json.JSONDecodeError:
                 pass
         parts = text.split(separator) if separator else re.split(r"[,;|]", text)
-        return [p.strip() for p in parts if p.strip()]
+        return [normalize_text(p.strip()) for p in parts if p.strip()]
     if isinstance(value, Iterable):
         return [lab for v in value for lab in _as_labels(v, separator)]
     return [str(value)]
@@ -202,7 +238,7 @@ class PathBuild:
     default_query: int
     default_train: int
     source: dict[str, Any]
-    check_images: str = "header"
+    check_images: str = DEFAULT_CHECK
     limit: int | None = None
     cache_dir: str | None = None
     drop_unlabeled: bool = False
@@ -230,11 +266,15 @@ def build_path_dataset(entries: dict[str, Entry], build: PathBuild, problems: Pr
         if why:
             problems.add("undecodable_images", f"{entry.id}: {why}", failed_id=entry.id)
             continue
+        if not entry.captions:
+            problems.uncaptioned.append(entry.id)
         rows.append((entry.id, rel, entry.captions, label_idx))
     return _finish(rows, build, problems)
 
 
 def _finish(rows: list, build: PathBuild, problems: Problems) -> CrossModalDataset:
+    if not rows:  # before datasets, whose own message ("corresponds to no data") says nothing of why
+        raise problems.no_items()
     names = build.label_names
     info = DatasetInfo(
         name=build.name,
@@ -282,7 +322,8 @@ def read_metadata(
     for where, row in _metadata_rows(path, problems):
         name = row.get(file_column)
         if not isinstance(name, str) or not name.strip():
-            problems.add("bad_lines", f"{where}: no {file_column!r} value")
+            columns = ", ".join(map(str, row))
+            problems.add("bad_lines", f"{where}: no {file_column!r} value (columns: {columns})")
             continue
         rel = safe_relpath(root, name.strip())
         if rel is None:
@@ -299,7 +340,7 @@ def _metadata_rows(path: Path, problems: Problems) -> Iterator[tuple[str, dict[s
     if path.suffix.lower() == ".csv":
         yield from _csv_rows(path, problems)
         return
-    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+    with open(path, encoding=TEXT_ENCODING, errors="surrogateescape") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -319,7 +360,7 @@ def _metadata_rows(path: Path, problems: Problems) -> Iterator[tuple[str, dict[s
 
 
 def _csv_rows(path: Path, problems: Problems) -> Iterator[tuple[str, dict[str, Any]]]:
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
+    with open(path, encoding=TEXT_ENCODING, errors="surrogateescape", newline="") as fh:
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
         while True:
@@ -365,7 +406,7 @@ def load_imagefolder(
     text_column: str | None = None,
     labels_column: str = "labels",
     label_separator: str | None = None,
-    check_images: str = "header",
+    check_images: str = DEFAULT_CHECK,
     limit: int | None = None,
     cache_dir: str | None = None,
     name: str = "imagefolder",
@@ -385,7 +426,9 @@ def load_imagefolder(
         labels_column: column with labels, a list of names or a separated string; when
             present, relevance is "labels" over the sorted label set, else "image".
         label_separator: separator of label strings (default: any of , ; |).
-        check_images: "header" (open and verify, fast), "full" (decode) or "none".
+        check_images: "decode" (decode the pixels once: finds files cut short, the default),
+            "header" (open and verify only, faster, but an image truncated inside its pixel
+            data passes), "full" (decode and convert as training does) or "none".
         limit: keep only the first ``limit`` images.
         cache_dir: where ``datasets`` keeps the Arrow files.
         name: the dataset name recorded in ``info``.
@@ -451,7 +494,7 @@ def _coco_images_dir(root: Path, split: str, images_dir: str | None) -> Path:
 
 def _read_json(path: Path) -> Any:
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding=TEXT_ENCODING) as fh:
             return json.load(fh)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
@@ -462,6 +505,7 @@ def _coco_entries(
 ) -> tuple[dict[str, Entry], dict[int, str]]:
     by_id: dict[int, str] = {}
     entries: dict[str, Entry] = {}
+    check_unique_ids((str(img.get("id")) for img in captions.get("images", [])), problems.source)
     for img in sorted(captions.get("images", []), key=lambda im: im["id"]):
         rel = safe_relpath(image_dir, str(img.get("file_name", "")))
         if rel is None:
@@ -499,7 +543,7 @@ def load_coco(
     images_dir: str | None = None,
     labels: bool | None = None,
     drop_unlabeled: bool = True,
-    check_images: str = "header",
+    check_images: str = DEFAULT_CHECK,
     limit: int | None = None,
     cache_dir: str | None = None,
 ) -> CrossModalDataset:
@@ -589,6 +633,7 @@ def _karpathy_entries(path: Path, split: str | None, problems: Problems) -> dict
     data = _read_json(path)
     if not isinstance(data, dict) or "images" not in data:
         raise ValueError(f"{path} is not a Karpathy split file (no 'images' list)")
+    check_unique_ids((str(img["filename"]) for img in data["images"] if img.get("filename")), str(path))
     entries: dict[str, Entry] = {}
     for k, img in enumerate(data["images"]):
         if split and img.get("split") != split:
@@ -607,7 +652,7 @@ _CSV_GLUED = re.compile(r"^\s*\d+\s+(.*)$")
 
 def _results_csv_entries(path: Path, problems: Problems) -> dict[str, Entry]:
     entries: dict[str, Entry] = {}
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding=TEXT_ENCODING) as fh:
         for lineno, line in enumerate(fh, 1):
             if lineno == 1 and line.lower().startswith("image_name"):
                 continue
@@ -631,7 +676,7 @@ def load_flickr30k(
     annotations: str | None = None,
     images_dir: str | None = None,
     split: str | None = None,
-    check_images: str = "header",
+    check_images: str = DEFAULT_CHECK,
     limit: int | None = None,
     cache_dir: str | None = None,
 ) -> CrossModalDataset:
@@ -696,7 +741,7 @@ def load_hub(
     text_column: str = "text",
     labels_column: str | None = None,
     id_column: str | None = None,
-    check_images: str = "header",
+    check_images: str = DEFAULT_CHECK,
     limit: int | None = None,
     cache_dir: str | None = None,
     name: str = "hub",
@@ -724,6 +769,9 @@ def load_hub(
             raise KeyError(f"column {col!r} not in the dataset; columns: {', '.join(table.column_names)}")
     if limit is not None:
         table = table.select(range(min(limit, len(table))))
+    if id_column:
+        where = f"{data_files if data_files is not None else root} (column {id_column!r})"
+        check_unique_ids((str(v) for v in table[id_column]), where)
     table = _undecoded_images(table, image_column)
     label_names = _hub_label_names(table, labels_column) if labels_column else None
     problems = Problems(f"{builder or root}[{split}]")
@@ -747,7 +795,10 @@ def load_hub(
         source=opts,
     )
     fp = _fingerprint("hub", table._fingerprint, opts, label_names, check_images)
-    ds = CrossModalDataset.from_records(rows, info, cache_dir, fp)
+    try:
+        ds = CrossModalDataset.from_records(rows, info, cache_dir, fp)
+    except EmptyDatasetError:
+        raise problems.no_items() from None
     _hub_stats(ds, table, id_column, problems)
     return ds
 
@@ -824,7 +875,10 @@ def _hub_rows(table, columns, label_names, check_mode, base: Path, problems: Pro
                 for v in _listify(row[labels_col]):
                     key = label_names[int(v)] if isinstance(v, (int, np.integer)) else str(v)
                     labels[index[key]] = 1
-            yield make_record(item_id, _as_captions(row[text_col]), labels=labels, image_bytes=data)
+            captions = _as_captions(row[text_col])
+            if not captions:
+                problems.uncaptioned.append(item_id)
+            yield make_record(item_id, captions, labels=labels, image_bytes=data)
 
     return generate
 
@@ -838,6 +892,9 @@ def _listify(value: Any) -> list[Any]:
 def _hub_stats(ds: CrossModalDataset, table: Any, id_column: str | None, problems: Problems) -> None:
     n_rows = len(table)
     stats: dict[str, Any] = {"n_items": len(ds), "n_rows": n_rows}
+    if not problems.uncaptioned and len(ds):  # built from the cache: the generator did not run
+        lengths = pc.fill_null(pc.list_value_length(ds.table.with_format("arrow")["captions"]), 0)
+        problems.uncaptioned = [i for i, n in zip(ds.ids, lengths.to_pylist()) if n == 0]
     stats.update(problems.report())
     failed = n_rows - len(ds)
     stats["n_failed_images"] = failed

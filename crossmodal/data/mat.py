@@ -29,7 +29,13 @@ import numpy as np
 from PIL import Image
 
 from crossmodal.data import DATA_README, register_dataset
-from crossmodal.data.records import RELEVANCE_LABELS, CrossModalDataset, DatasetInfo, make_record
+from crossmodal.data.records import (
+    RELEVANCE_LABELS,
+    CrossModalDataset,
+    DatasetInfo,
+    EmptyDatasetError,
+    make_record,
+)
 from crossmodal.data.splits import fit_protocol
 
 logger = logging.getLogger(__name__)
@@ -447,7 +453,8 @@ def _make_row(
         logger.debug("image %s cannot be encoded: %s", item_id(i), exc)
         return None
     bow = np.asarray(bow, dtype=np.float32)
-    captions = [" ".join(vocab[k] for k in np.flatnonzero(bow))] if vocab else []
+    words = [vocab[k] for k in np.flatnonzero(bow)] if vocab else []
+    captions = [" ".join(words)] if words else []  # no caption rather than an empty one
     return make_record(item_id(i), captions, labels=(labels > 0).astype(np.uint8), image_bytes=png, bow=bow)
 
 
@@ -457,7 +464,7 @@ def _read_names(value: Sequence[str] | str | os.PathLike[str], what: str) -> lis
     path = Path(value).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # "-sig": a byte-order mark is not part of the first name
     if path.suffix.lower() == ".json":
         return [str(v) for v in json.loads(text)]
     return [line.strip() for line in text.splitlines() if line.strip()]
@@ -551,7 +558,13 @@ def load_mat_dataset(
     )
     gen = _row_generator(layout, n_items, max(1, chunk_size), words)
     fp = _source_fingerprint(files, {**source, "labels": info.label_names, "vocab": words})
-    ds = CrossModalDataset.from_records(gen, info, cache_dir=cache_dir, fingerprint=fp)
+    try:
+        ds = CrossModalDataset.from_records(gen, info, cache_dir=cache_dir, fingerprint=fp)
+    except EmptyDatasetError:
+        raise EmptyDatasetError(
+            f"{', '.join(map(str, files))}: no usable item; none of the {n_items} images in "
+            f"{layout.images.key!r} could be encoded (NaN or infinite values?)"
+        ) from None
     _finish_info(ds, n_items, layout, spec)
     return ds
 

@@ -50,7 +50,8 @@ The built dataset is cached in ``out_dir`` (default ``data/built/openmoji-<size>
 ``$CROSSMODAL_DATA_DIR/openmoji-<size>``, with ``-limit<n>`` / ``-include<hash>`` added
 for sliced builds); a later call whose options and package versions match
 ``info.source`` loads it instead of rebuilding. Builds are written to a temporary folder
-and renamed into place, so an interrupted build never looks complete.
+and renamed into place, so an interrupted build never looks complete; the next build
+sweeps what an interrupted one left (``records.build_guard``).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from crossmodal.data import register_dataset
-from crossmodal.data.records import CrossModalDataset, DatasetInfo, make_features, make_record
+from crossmodal.data.records import CrossModalDataset, DatasetInfo, build_guard, make_features, make_record
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def parse_emoji_test(path: str | os.PathLike[str]) -> list[EmojiEntry]:
     """Read every entry of an ``emoji-test.txt`` file, in its (CLDR) order."""
     entries: list[EmojiEntry] = []
     group = subgroup = ""
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in Path(path).read_text(encoding="utf-8-sig").splitlines():
         if line.startswith("# group:"):
             group = line.split(":", 1)[1].strip()
         elif line.startswith("# subgroup:"):
@@ -519,6 +520,15 @@ def build_openmoji(
     if not force and (cached := _load_cached(out, source)) is not None:
         logger.info("openmoji: loaded %d items from %s", len(cached), out)
         return cached
+    targets = rf"openmoji-\d+(?:-limit\d+)?(?:-include[0-9a-f]{{8}})?|{re.escape(out.name)}"
+    with build_guard(out.parent, targets):
+        return _build(out, source, inc, limit, size, renderer)
+
+
+def _build(
+    out: Path, source: dict[str, Any], inc: list[str] | None, limit: int | None, size: int, renderer: str
+) -> CrossModalDataset:
+    """Render, label and save the selected emoji into ``out``."""
     start = time.perf_counter()
     entries = parse_emoji_test(emoji_test_path())
     matched, left_out = match_svgs(openmoji_svg_dir(), entries, inc)

@@ -4,7 +4,8 @@ Columns (``FEATURES``):
     id           stable string id, unique within the dataset
     image_path   path of the image relative to ``CrossModalDataset.image_root``, or ""
     image_bytes  the encoded image (PNG/JPEG bytes) when it is stored inline, else None
-    captions     one or more captions (may be empty for bag-of-words-only datasets)
+    captions     the captions, NFKC-normalised (``crossmodal.text.normalize_text``), without
+                 blank ones; empty for an image-only item or a bag-of-words-only dataset
     labels       multi-hot vector over ``label_names`` (uint8, fixed length; empty
                  when the dataset has no labels and relevance is "same image")
     bow_idx      indices of the non-zero words of a fixed bag-of-words text
@@ -14,13 +15,22 @@ Columns (``FEATURES``):
                  the skin-tone and gender variants of one emoji)
 
 Images are decoded lazily with ``crossmodal.images.open_image``.
+
+Builds write into hidden temporary folders beside their destination and rename them into
+place (``crossmodal.io.atomic_dir``); ``build_guard`` sweeps what a killed build left of
+them before the next build.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
+import shutil
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,11 +42,46 @@ from PIL import Image
 
 from crossmodal.images import open_image
 from crossmodal.io import atomic_dir, write_json_atomic
+from crossmodal.text import is_blank, normalize_text
+
+try:
+    import fcntl
+except ImportError:  # no advisory file locks (Windows): builds there sweep nothing
+    fcntl = None
+
+logger = logging.getLogger(__name__)
 
 DATASET_FORMAT_VERSION = 1
 
 RELEVANCE_LABELS = "labels"  # relevant when two items share at least one label
 RELEVANCE_IMAGE = "image"  # relevant only to the same item (captions-only datasets)
+BUILD_LOCK = ".build.lock"
+MAX_NAMED_IDS = 10
+
+
+class EmptyDatasetError(ValueError):
+    """A build in which no row survived; the builder's message says why."""
+
+
+class DuplicateIdError(ValueError):
+    """Item ids repeated in a source; the message names them and the source."""
+
+
+def check_unique_ids(ids: Iterable[str], where: str) -> None:
+    """Refuse repeated item ids: captions and labels point at ids, so they cannot be renumbered.
+
+    Raises:
+        DuplicateIdError: naming the first repeated ids, how often each occurs, and ``where``.
+    """
+    counts = Counter(ids)
+    repeated = [(i, n) for i, n in counts.items() if n > 1]
+    if repeated:
+        shown = ", ".join(f"{i!r} ({n} times)" for i, n in repeated[:MAX_NAMED_IDS])
+        more = f" and {len(repeated) - MAX_NAMED_IDS} more" if len(repeated) > MAX_NAMED_IDS else ""
+        raise DuplicateIdError(
+            f"{where}: duplicate item ids {shown}{more}; every item needs its own id, since "
+            "captions and labels refer to items by id: fix the ids in the source"
+        )
 
 
 def make_features(n_labels: int) -> datasets.Features:
@@ -63,7 +108,11 @@ def make_record(
     bow: np.ndarray | None = None,
     group: str = "",
 ) -> dict[str, Any]:
-    """Build one row. ``labels`` is a multi-hot vector; ``bow`` a dense word vector."""
+    """Build one row. ``labels`` is a multi-hot vector; ``bow`` a dense word vector.
+
+    Captions are normalised to NFKC here, the one entrance every builder's text passes;
+    blank captions (whitespace, control and zero-width characters) are dropped.
+    """
     if bow is not None:
         bow = np.asarray(bow).ravel()
         nz = np.flatnonzero(bow)
@@ -74,12 +123,18 @@ def make_record(
         "id": str(id),
         "image_path": image_path,
         "image_bytes": image_bytes,
-        "captions": [str(c) for c in captions],
+        "captions": _clean_captions(captions),
         "labels": [] if labels is None else np.asarray(labels, dtype=np.uint8).tolist(),
         "bow_idx": bow_idx,
         "bow_val": bow_val,
         "group": group or str(id),
     }
+
+
+def _clean_captions(captions: Iterable[str]) -> list[str]:
+    """NFKC, stripped, without blank captions, in their order."""
+    texts = (normalize_text(str(c)).strip() for c in captions)
+    return [t for t in texts if not is_blank(t)]
 
 
 @dataclass
@@ -127,12 +182,31 @@ class CrossModalDataset:
                 ``datasets`` caches generator output under a hash of the generator's code
                 and closure, which does not change when a source file's contents do; a
                 builder that reads files should pass a fingerprint that does.
+
+        Raises:
+            EmptyDatasetError: the rows were empty (``datasets`` itself would only say that a
+                split "corresponds to no data").
+            DuplicateIdError: two rows share an id.
         """
         features = make_features(len(info.label_names) if info.relevance == RELEVANCE_LABELS else 0)
         gen = records if callable(records) else _replay(list(records))
-        table = datasets.Dataset.from_generator(
-            gen, features=features, cache_dir=cache_dir, fingerprint=fingerprint
-        )
+        seen = [0]
+
+        def counted() -> Iterator[dict[str, Any]]:
+            for row in gen():
+                seen[0] += 1
+                yield row
+
+        try:
+            table = datasets.Dataset.from_generator(
+                counted, features=features, cache_dir=cache_dir, fingerprint=fingerprint
+            )
+        except ValueError:
+            if seen[0] == 0:
+                message = f"dataset {info.name!r}: no usable item; every row was left out"
+                raise EmptyDatasetError(message) from None
+            raise
+        check_unique_ids(table.with_format("arrow")["id"].to_pylist(), f"dataset {info.name!r}")
         return cls(table, info)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -246,6 +320,63 @@ class CrossModalDataset:
             h.update(np.nan_to_num(sizes.astype(np.float64), nan=-1).tobytes())
             self._fp = h.hexdigest()[:16]
         return self._fp
+
+
+def sweep_leftovers(folder: Path, target_re: str) -> list[str]:
+    """Remove what killed builds left in ``folder`` of targets whose name matches ``target_re``.
+
+    ``atomic_dir`` writes a target ``T`` into ``.T.<random>.tmp`` and, when ``T`` exists,
+    moves it to ``.T.old`` for the moment of the swap. Both are removed; an ``.T.old`` whose
+    ``T`` is missing (a build killed between the two renames) is the previous complete build
+    and is renamed back. Nothing else in ``folder`` is touched. Call it only while no build
+    writes there (``build_guard``).
+
+    Returns:
+        The names removed or restored.
+    """
+    pattern = re.compile(rf"\.(?P<target>{target_re})\.(?:[a-z0-9_]+\.tmp|old)")
+    swept = []
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        match = pattern.fullmatch(entry.name)
+        if match is None:
+            continue
+        target = folder / match["target"]
+        if entry.name.endswith(".old") and entry.is_dir() and not target.exists():
+            os.replace(entry, target)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        swept.append(entry.name)
+    if swept:
+        logger.info("%s: swept %d leftovers of interrupted builds: %s", folder, len(swept), ", ".join(swept))
+    return swept
+
+
+@contextlib.contextmanager
+def build_guard(folder: str | os.PathLike[str], target_re: str) -> Iterator[None]:
+    """Hold ``folder`` for a dataset build: first sweep what killed builds left there
+    (``sweep_leftovers``) unless another build is running, then keep a shared lock on
+    ``folder/.build.lock`` until the build is done, so that no other build sweeps this one's
+    temporary folder. Builds in one folder still run side by side.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    with open(folder / BUILD_LOCK, "a+b") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            logger.debug("%s: another build is running; leftovers are swept by a later build", folder)
+        else:
+            sweep_leftovers(folder, target_re)
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _replay(rows: list[dict[str, Any]]):

@@ -41,17 +41,21 @@ THUMB_SIDE = 256
 def text_units(
     dataset: CrossModalDataset, indices: np.ndarray, first_text_id: int = 0
 ) -> list[dict[str, Any]]:
-    """Text entries of ``indices``: one per item (labelled data) or one per caption."""
+    """Text entries of ``indices``: one per item (labelled data) or one per caption.
+
+    An item without a caption (and without bag-of-words text) gets no entry: it is an
+    image-only item, found by images, never returned as an empty caption.
+    """
     caps = dataset.captions_of(indices)
     out: list[dict[str, Any]] = []
     per_caption = dataset.info.relevance == RELEVANCE_IMAGE
     next_id = first_text_id
     for item, captions in zip(indices, caps):
-        if per_caption and captions:
+        if per_caption:
             for cap in captions:
                 out.append({"text_id": next_id, "item_id": int(item), "caption": cap})
                 next_id += 1
-        else:
+        elif captions or dataset.info.bow_dim:
             out.append({"text_id": int(item), "item_id": int(item), "caption": join_captions(captions)})
     return out
 
@@ -136,9 +140,11 @@ def index_run(
         kind, model.bits, params, model, dataset, db, "image", feats["image"], None, db, progress
     )
     unit_texts = [u["caption"] for u in units] if per_caption or feats["text"] is None else None
+    text_items = np.array([u["item_id"] for u in units], dtype=np.int64)  # the items with a text entry
     text_index = build_index(
-        kind, model.bits, params, model, dataset, db, "text", feats["text"], unit_texts, text_ids, progress
-    )
+        kind, model.bits, params, model, dataset, text_items, "text", feats["text"], unit_texts, text_ids,
+        progress,
+    )  # fmt: skip
     with RunUpdate(run_dir) as update:  # all four files replace the old ones together
         image_index.save(update.path("image.index"))
         text_index.save(update.path("text.index"))

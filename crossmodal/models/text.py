@@ -27,7 +27,16 @@ from torch import nn
 
 from crossmodal.models.image import set_trainable_blocks
 from crossmodal.registry import Registry, UnknownNameError
-from crossmodal.text import N_SPECIAL_IDS, PAD_ID, BowVocabulary, QueryError, check_not_empty, tokenize_words
+from crossmodal.text import (
+    N_SPECIAL_IDS,
+    PAD_ID,
+    BowVocabulary,
+    QueryError,
+    check_not_empty,
+    check_query_words,
+    normalize_text,
+    tokenize_words,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +80,26 @@ class TextTower(nn.Module):
     def load_extra_state(self, files: dict[str, str]) -> None:
         """Restore what ``extra_state_files`` returned; call before loading the weights."""
 
+    def read_query(self, text: str) -> tuple[list[str], list[str]]:
+        """The pieces of ``text`` the tower represents, and those it cannot (unknown words).
+
+        The default knows every word; towers with a vocabulary override it.
+        """
+        return tokenize_words(text), []
+
     def check_query(self, text: str) -> None:
-        """Raise ``QueryError`` when ``text`` cannot be encoded meaningfully."""
+        """Raise ``QueryError`` when ``text`` cannot be encoded meaningfully: empty (only
+        whitespace, control or zero-width characters), no word, or no word the tower knows.
+
+        Every tower runs this one check (``crossmodal.text.check_query_words``).
+        """
         check_not_empty(text)
+        check_query_words(text, *self.read_query(text))
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of a usable query that the tower cannot represent (it answers from the others)."""
+        check_not_empty(text)
+        return list(dict.fromkeys(self.read_query(text)[1]))
 
 
 def create_text_tower(name: str, pretrained: bool = True, **options: Any) -> TextTower:
@@ -166,19 +192,13 @@ class VocabTextTower(TextTower):
         self.vocab = BowVocabulary.from_json(files[VOCAB_FILE])
         self._build(len(self.vocab))
 
-    def check_query(self, text: str) -> None:
-        check_not_empty(text)
+    def read_query(self, text: str) -> tuple[list[str], list[str]]:
         if self.vocab is None:
             raise QueryError(
                 "this text model has no word list (its dataset ships bag-of-words vectors only), "
                 "so it cannot encode typed text"
             )
-        words = tokenize_words(text)
-        if not words:
-            raise QueryError(f"the text query {text!r} has no words (letters or digits)")
-        if not any(w in self.vocab for w in words):
-            oov = ", ".join(dict.fromkeys(words))
-            raise QueryError(f"none of the query's words are in the model's vocabulary: {oov}")
+        return self.vocab.split_known(text)
 
 
 @register_text_tower("bow_mlp")
@@ -331,9 +351,30 @@ class HFTextTower(TextTower):
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            [normalize_text(t) for t in texts],
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
         )
         return dict(enc)
+
+    def read_query(self, text: str) -> tuple[list[str], list[str]]:
+        """Tokens other than special and unknown ones, and the text that became unknown tokens."""
+        text = normalize_text(text)
+        tok = self.tokenizer
+        unk = tok.unk_token_id
+        special = set(tok.all_special_ids) - {unk}
+        enc = tok(text, add_special_tokens=False, truncation=True, max_length=self.max_length,
+                  return_offsets_mapping=bool(tok.is_fast))  # fmt: skip
+        ids = enc["input_ids"]
+        known = [t for i, t in zip(ids, tok.convert_ids_to_tokens(ids)) if i != unk and i not in special]
+        if "offset_mapping" in enc:
+            unknown = [text[s:e] for i, (s, e) in zip(ids, enc["offset_mapping"]) if i == unk]
+        else:  # a slow tokenizer gives no offsets: name the whitespace-separated words it cannot read
+            pieces = [(w, tok(w, add_special_tokens=False)["input_ids"]) for w in text.split()]
+            unknown = [w for w, w_ids in pieces if w_ids and all(i == unk for i in w_ids)]
+        return known, unknown
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
         """Token batch from ``tokenize`` -> mean of the last hidden states over real tokens."""

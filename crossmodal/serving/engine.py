@@ -315,9 +315,12 @@ class RetrievalEngine:
         }  # fmt: skip
 
     def ignored_words(self, query: str) -> list[str]:
-        """Words of ``query`` that a vocabulary-based text tower does not know (and so ignores)."""
-        vocab = getattr(self.model.text_tower, "vocab", None)
-        return vocab.oov_words(query) if vocab is not None and hasattr(vocab, "oov_words") else []
+        """Words of a usable ``query`` that the text tower cannot represent (out of its vocabulary,
+        or unknown tokens of a transformer), and so ignores; empty for an unusable query."""
+        try:
+            return self.model.text_tower.unknown_words(query)
+        except QueryError:
+            return []
 
     def image_roots(self) -> list[Path]:
         """The folders the run's images live in: its thumbnails, the dataset's image folder and
