@@ -154,21 +154,54 @@ def _index_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-p", "--param", action="append", metavar="KEY=VALUE", help="index parameter, e.g. nlist=256"
     )
-    p.add_argument("--add", metavar="DATASET_OR_FOLDER", help="add the items of a dataset or image folder")
+    change = p.add_mutually_exclusive_group()
+    change.add_argument("--add", metavar="DATASET_OR_FOLDER",
+                        help="add the items of a dataset or image folder (skips those the run holds)")
+    change.add_argument("--remove", nargs="+", metavar="KEY", help="remove the items with these keys")
+    change.add_argument("--remove-file", metavar="FILE", help="remove the items whose keys FILE lists")
     p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="dataset option for --add")
     p.add_argument("--if-missing", action="store_true", help="do nothing when the run is already indexed")
+
+
+def _index_change(args: argparse.Namespace) -> int:
+    """``index --add`` / ``--remove`` / ``--remove-file``: change a run's items, print what changed."""
+    import shlex
+
+    from crossmodal.jobs.index import add_to_run, remove_from_run
+
+    line = f"crossmodal index --run {shlex.quote(args.run)}"
+    if args.add:
+        options = "".join(f" -o {shlex.quote(o)}" for o in args.option or [])
+        info = add_to_run(args.run, args.add, _options(args.option),
+                          command=f"{line} --add {shlex.quote(args.add)}{options}")  # fmt: skip
+        print(f"added {info['added_items']} items and {info['added_texts']} texts to {args.run}")
+        if info["already_present"]:
+            print(f"{info['already_present']} items of {info['source']} are in the run already "
+                  f"(added before): skipped")  # fmt: skip
+        if info["unknown_labels"]:
+            named = ", ".join(f"{k} ({v})" for k, v in info["unknown_labels"].items())
+            print(f"labels not in the run's label set, not stored (items): {named}")
+        return 0
+    if args.remove_file:
+        keys = [k for k in Path(args.remove_file).read_text(encoding="utf-8").splitlines() if k.strip()]
+        command = f"{line} --remove-file {shlex.quote(args.remove_file)}"
+        if not keys:
+            raise ValueError(f"{args.remove_file} lists no keys (one key a line)")
+    else:
+        keys, command = args.remove, f"{line} --remove {shlex.join(args.remove)}"
+    info = remove_from_run(args.run, keys, command=command)
+    print(f"removed {info['removed_items']} items and {info['removed_texts']} texts from {args.run}")
+    return 0
 
 
 @command("index", "encode a run's database into FAISS binary indexes and a metadata store")
 @args_for(_index_args)
 def cmd_index(args: argparse.Namespace) -> int:
-    from crossmodal.jobs.index import add_to_run, index_run
+    from crossmodal.jobs.index import index_run
     from crossmodal.runs.state import is_indexed
 
-    if args.add:
-        info = add_to_run(args.run, args.add, _options(args.option))
-        print(f"added {info['added_items']} items and {info['added_texts']} texts to {args.run}")
-        return 0
+    if args.add or args.remove or args.remove_file:
+        return _index_change(args)
     if args.if_missing and is_indexed(args.run):
         print(f"{args.run} is already indexed (skipping)")
         return 0

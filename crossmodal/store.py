@@ -4,7 +4,8 @@ Tables:
 
 * ``items(item_id INTEGER PRIMARY KEY, key TEXT, image_path TEXT, labels TEXT, source TEXT)``:
   one row per image; ``item_id`` is the id in the image index, ``key`` the dataset's string
-  id, ``labels`` a JSON list (label names or indices), ``source`` the dataset name.
+  id, ``labels`` a JSON list (label names or indices), ``source`` the dataset name (for items
+  added to a run later: the folder's absolute path, or the dataset name, they came from).
 * ``texts(text_id INTEGER PRIMARY KEY, item_id INTEGER, caption TEXT)``: one row per
   caption; ``text_id`` is the id in the text index. An item with several captions has
   several rows pointing at it. Removing an item removes its texts.
@@ -309,6 +310,26 @@ class MetadataStore:
         out: list[list[dict[str, Any]]] = [[] for _ in wanted]
         for pos, *row in rows:
             out[pos].append(dict(zip(_TEXT_COLUMNS, row, strict=True)))
+        return out
+
+    def item_ids(self) -> list[int]:
+        """Every item id, in increasing order."""
+        return [int(r[0]) for r in self._query("SELECT item_id FROM items ORDER BY item_id")]
+
+    def find_keys(self, keys: Iterable[str], source: str | None = None) -> dict[str, list[int]]:
+        """The item ids of each key that is in the store (one query), optionally only items of ``source``.
+
+        Returns:
+            ``{key: [item ids]}`` for the keys found (a key may name several items, e.g. the same
+            file name added from two folders); keys not in the store are absent.
+        """
+        payload = json.dumps(list(dict.fromkeys(str(k) for k in keys)))
+        sql = ("SELECT t.key, t.item_id FROM json_each(?) AS j JOIN items AS t ON t.key = j.value"
+               + ("" if source is None else " WHERE t.source = ?") + " ORDER BY t.item_id")
+        rows = self._query(sql, (payload,) if source is None else (payload, source))
+        out: dict[str, list[int]] = {}
+        for key, item_id in rows:
+            out.setdefault(key, []).append(int(item_id))
         return out
 
     def count_items(self) -> int:

@@ -208,7 +208,8 @@ def test_add_killed_during_commit_recovers_and_reruns_once(kill, tiny_run, tmp_p
         with pytest.raises(RunError) as err:
             RetrievalEngine.load(run)
         assert f"an interrupted update ({JOURNAL})" in str(err.value)
-        assert f"re-run the interrupted command (e.g. crossmodal index --run {run})" in str(err.value)
+        rerun = f"re-run the interrupted command: crossmodal index --run {run} --add {folder}"
+        assert rerun in str(err.value)  # the add, not a plain re-index
     elif expect == "as_before":
         assert snapshot(run) == before and file_bytes(run) == before_files
     else:

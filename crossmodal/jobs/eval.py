@@ -63,7 +63,7 @@ from crossmodal.runs.encode import (
     frozen_features,
     open_run_data,
 )
-from crossmodal.runs.folder import EVAL_FILES, RunUpdate, read_manifest
+from crossmodal.runs.folder import EVAL_FILES, RunUpdate, lock_run, read_manifest
 from crossmodal.runs.model import MODALITIES, load_model
 from crossmodal.runs.state import is_evaluated
 from crossmodal.text import QueryError
@@ -91,7 +91,14 @@ def eval_run(
 
     Raises:
         RunError: the run is untrained or damaged, or its dataset changed since training.
+        RunBusyError: another process is writing the run.
     """
+    with lock_run(run_dir, f"crossmodal eval --run {run_dir}"):
+        return _eval_run(run_dir, baselines, ks, tie_aware)
+
+
+def _eval_run(run_dir: str | os.PathLike[str], baselines: bool, ks: tuple[int, ...],
+              tie_aware: bool) -> dict[str, Any]:  # fmt: skip
     run_dir = Path(run_dir)
     started = time.perf_counter()
     data = open_run_data(run_dir)
@@ -265,7 +272,14 @@ def transfer_run(
         ValueError: the other dataset has no labels, none matches the run's by name, or its text
             comes as another bag-of-words.
         RunError: the run is untrained or damaged, or its dataset changed since training.
+        RunBusyError: another process is writing the run.
     """
+    with lock_run(run_dir, f"crossmodal eval --run {run_dir} --on {dataset}"):
+        return _transfer_run(run_dir, dataset, options, baselines, ks, tie_aware)
+
+
+def _transfer_run(run_dir: str | os.PathLike[str], dataset: str, options: Mapping[str, Any] | None,
+                  baselines: bool, ks: tuple[int, ...], tie_aware: bool) -> dict[str, Any]:  # fmt: skip
     run_dir = Path(run_dir)
     options = dict(options or {})
     if not is_evaluated(run_dir):

@@ -5,33 +5,47 @@ text id is the item id; for captions-only datasets ("same image" relevance) ever
 is its own entry in the text index and maps to its item in the store. Images stored
 inline in a dataset are written as thumbnails under ``<run>/images/`` so that the run
 folder alone serves them.
+
+Items can be added later (``add_to_run``, ``crossmodal index --add``: ids after the largest in
+the store) and removed (``remove_from_run``, ``--remove``). A re-index keeps both: added items
+keep their ids and are re-encoded with the run's model from what the store holds (their image
+files or thumbnails, their captions); removed ones of the run's own dataset are listed in the
+manifest (``index.removed_keys``) and left out. Every job here holds the run's lock.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
+import shlex
 import shutil
+import sqlite3
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 from PIL import Image
 
 from crossmodal.codes import pack_codes
-from crossmodal.data import RELEVANCE_IMAGE, CrossModalDataset, open_dataset
+from crossmodal.data import RELEVANCE_IMAGE, CrossModalDataset, DatasetInfo, make_record, open_dataset
+from crossmodal.data.records import make_features
 from crossmodal.features import join_captions
 from crossmodal.images import ImageDecodeError, open_image
 from crossmodal.index import BinaryIndex, create_index
 from crossmodal.io import atomic_path
 from crossmodal.models.hasher import TwoTowerHasher
 from crossmodal.runs.encode import encode_items, frozen_features, open_run_data
-from crossmodal.runs.folder import RunUpdate, check_run, recover_run
+from crossmodal.runs.folder import RunError, RunUpdate, check_run, lock_run, recover_run, verify_files
 from crossmodal.runs.model import load_model
-from crossmodal.store import MetadataStore
+from crossmodal.runs.state import INDEX_PARTS
+from crossmodal.store import MetadataStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -117,25 +131,44 @@ def index_run(
     kind: str | None = None,
     params: dict[str, Any] | None = None,
     progress: bool = True,
+    command: str | None = None,
 ) -> dict[str, Any]:
-    """Encode the database split of a trained run and write its indexes, store and manifest.
+    """Encode the database split of a trained run, and the items added to it, into new indexes,
+    store and manifest.
+
+    Items added with ``add_to_run`` are kept with their ids, re-encoded with the run's model
+    from what the store holds; items removed with ``remove_from_run`` stay removed.
+
+    Args:
+        command: the command line recorded in the run's lock and journal (default: the
+            ``crossmodal index`` line that does this).
 
     Raises:
-        RunError: the run is untrained or damaged, or its dataset changed since training.
+        RunError: the run is untrained or damaged, its dataset changed since training, or
+            images of added items are gone.
+        RunBusyError: another process is writing the run.
     """
     run_dir = Path(run_dir)
-    recover_run(run_dir)
+    default = f"crossmodal index --run {run_dir}" + (f" --kind {kind}" if kind else "")
+    with lock_run(run_dir, command or default):
+        recover_run(run_dir)
+        return _index(run_dir, kind, params, progress)
+
+
+def _index(run_dir: Path, kind: str | None, params: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
     started = time.perf_counter()
     data = open_run_data(run_dir)
     cfg, dataset = data.cfg, data.dataset
     kind = kind or cfg.index.kind
     params = {**cfg.index.params, **(params or {})} if kind == cfg.index.kind else dict(params or {})
     model = load_model(run_dir)
-    db = data.splits["database"]
-    feats = frozen_features(data, model)
+    previous = data.manifest.get("index") or {}
+    db = without_keys(dataset, data.splits["database"], previous.get("removed_keys") or [])
     units = text_units(dataset, db)
     per_caption = dataset.info.relevance == RELEVANCE_IMAGE
     text_ids = np.array([u["text_id"] for u in units], dtype=np.int64)
+    added = stored_additions(run_dir, data.manifest, data.splits["database"], text_ids)
+    feats = frozen_features(data, model)
     image_index = build_index(
         kind, model.bits, params, model, dataset, db, "image", feats["image"], None, db, progress
     )
@@ -145,17 +178,109 @@ def index_run(
         kind, model.bits, params, model, dataset, text_items, "text", feats["text"], unit_texts, text_ids,
         progress,
     )  # fmt: skip
+    if added.items:  # re-encoded with the run's model, under the ids they have
+        encode_into(model, image_index, "image", [it["item_id"] for it in added.items],
+                    stored_images(run_dir, added.items), progress=progress)  # fmt: skip
+        encode_into(model, text_index, "text", [t["text_id"] for t in added.texts],
+                    texts=[t["caption"] for t in added.texts], progress=progress)  # fmt: skip
     with RunUpdate(run_dir) as update:  # all four files replace the old ones together
         image_index.save(update.path("image.index"))
         text_index.save(update.path("text.index"))
-        write_store(run_dir, dataset, db, units, update.path("store.sqlite"))
+        write_store(run_dir, dataset, db, units, update.path("store.sqlite"), added.items, added.texts)
         seconds = time.perf_counter() - started
         info = {"kind": kind, "params": image_index.params, "items": int(image_index.ntotal),
                 "texts": int(text_index.ntotal), "seconds": round(seconds, 2),
                 "text_units": "caption" if per_caption else "item"}  # fmt: skip
+        kept = ("removed", "removed_keys") if added.lost else ("added", "removed", "removed_keys")
+        info.update({key: previous[key] for key in kept if previous.get(key)})
         update.commit(index=info)
     log.info("indexed %d images and %d texts in %.1f s", info["items"], info["texts"], seconds)
     return info
+
+
+def without_keys(dataset: CrossModalDataset, indices: np.ndarray, keys: list[str]) -> np.ndarray:
+    """``indices`` without the items whose key is in ``keys`` (the run's own items removed from it)."""
+    if not keys:
+        return indices
+    drop = set(keys)
+    return indices[np.array([k not in drop for k in dataset.ids_of(indices)], dtype=bool)]
+
+
+@dataclass
+class Additions:
+    """The items added to a run (``add_to_run``) as its store holds them: store rows of items and texts.
+
+    ``lost``: the run lists added items but its store could not be read back.
+    """
+
+    items: list[dict[str, Any]] = field(default_factory=list)
+    texts: list[dict[str, Any]] = field(default_factory=list)
+    lost: bool = False
+
+
+def stored_additions(
+    run_dir: Path, manifest: dict[str, Any], database: np.ndarray, taken_text_ids: np.ndarray
+) -> Additions:
+    """The added items of the run's current store (those whose id is not a database-split position).
+
+    Per-caption text ids that meet ``taken_text_ids`` (the re-indexed database's) are numbered
+    anew after them. A store that is missing or damaged keeps nothing: a warning names the
+    ``--add`` commands that bring the items back.
+
+    Raises:
+        RunError: image files of added items are gone (they cannot be re-encoded).
+    """
+    added = (manifest.get("index") or {}).get("added") or []
+    sources = [a.get("source") for a in added if isinstance(a, dict)]
+    if not sources:
+        return Additions()
+    try:
+        verify_files(run_dir, manifest, ("store.sqlite",))
+        with MetadataStore.open(run_dir / "store.sqlite") as store:
+            ids = sorted(set(store.item_ids()) - set(database.tolist()))
+            items = [it for it in store.get_items(ids) if it is not None]
+            texts = [t for group in store.texts_of_items(ids) for t in group]
+    except (RunError, StoreError, sqlite3.DatabaseError) as exc:
+        again = "; ".join(f"crossmodal index --run {run_dir} --add {s}" for s in dict.fromkeys(sources))
+        log.warning("%s: the items added to the run cannot be read back from its store (%s), so they are "
+                    "not re-indexed; add them again with: %s", run_dir, exc, again)  # fmt: skip
+        return Additions(lost=True)
+    gone = [it["key"] for it in items if it["image_path"] and not (run_dir / it["image_path"]).is_file()]
+    if gone:
+        raise RunError(
+            f"{len(gone)} items added to {run_dir} have lost their image files (e.g. {', '.join(gone[:5])}); "
+            f"put them back, or remove the items with: crossmodal index --run {run_dir} --remove KEY ..."
+        )
+    taken = set(taken_text_ids.tolist())
+    if any(t["text_id"] in taken for t in texts):
+        first = max(taken) + 1
+        texts = [{**t, "text_id": first + j} for j, t in enumerate(texts)]
+    return Additions(items, texts)
+
+
+def stored_images(run_dir: Path, items: list[dict[str, Any]]) -> CrossModalDataset:
+    """The images of store rows as a dataset (paths absolute, or relative to the run: thumbnails)."""
+    rows = [make_record(it["key"], [], image_path=it["image_path"]) for it in items]
+    info = DatasetInfo("stored", relevance=RELEVANCE_IMAGE, image_root=str(run_dir))
+    return CrossModalDataset(datasets.Dataset.from_list(rows, features=make_features(0)), info)
+
+
+def encode_into(
+    model: TwoTowerHasher,
+    index: BinaryIndex,
+    modality: str,
+    ids: list[int] | np.ndarray,
+    dataset: CrossModalDataset | None = None,
+    indices: np.ndarray | None = None,
+    texts: list[str] | None = None,
+    progress: bool = True,
+) -> None:
+    """Encode ``dataset``'s items ``indices`` (default: the first ``len(ids)``), or ``texts``, and
+    add their codes to ``index`` under ``ids``."""
+    ids = np.asarray(ids, dtype=np.int64)
+    indices = np.arange(len(ids)) if indices is None else np.asarray(indices)
+    for pos, codes in encode_items(model, dataset, indices, modality, texts=texts, progress=progress):
+        index.add(pack_codes(codes.numpy()), ids[pos])
 
 
 def build_index(
@@ -189,8 +314,13 @@ def write_store(
     indices: np.ndarray,
     units: list[dict],
     path: Path | None = None,
+    extra_items: list[dict[str, Any]] = (),
+    extra_texts: list[dict[str, Any]] = (),
 ) -> None:
-    """Write the store (at ``path``, default ``run_dir/store.sqlite``) and the thumbnails it names."""
+    """Write the store (at ``path``, default ``run_dir/store.sqlite``) and the thumbnails it names.
+
+    ``extra_items`` and ``extra_texts`` are store rows written as they are (items added to the run).
+    """
     labels = dataset.labels_matrix()
     names = dataset.info.label_names
     paths = write_thumbnails(dataset, indices, run_dir, indices)
@@ -206,57 +336,93 @@ def write_store(
         for i, key, path in zip(indices, keys, paths)
     )
     MetadataStore.build(
-        path or run_dir / "store.sqlite", items, units, meta={"label_names": names, "dataset": dataset.name}
+        path or run_dir / "store.sqlite", itertools.chain(items, extra_items), [*units, *extra_texts],
+        meta={"label_names": names, "dataset": dataset.name},
     ).close()
 
 
 def add_to_run(
-    run_dir: str | os.PathLike[str], source: str, options: dict[str, Any] | None = None, progress: bool = True
+    run_dir: str | os.PathLike[str],
+    source: str,
+    options: dict[str, Any] | None = None,
+    progress: bool = True,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Add every item of a dataset (a registered name, or an image folder) to a run's indexes.
 
-    New items get ids after the largest in the store; nothing is retrained. The indexes,
-    the store and the manifest are replaced together (``RunUpdate``): a crash leaves the run
-    as it was or, within the renames, refused until the command is run again.
+    New items get ids after the largest in the store; nothing is retrained. An item whose key
+    the run already holds from the same source (the same folder, or dataset) is skipped and
+    counted: adding a folder again adds only its new images. Labels are mapped onto the run's
+    label set by name; names the run does not know are not stored, and are counted. The
+    indexes, the store and the manifest are replaced together (``RunUpdate``), under the run's
+    lock: a crash leaves the run as it was or, within the renames, refused until the command
+    is run again.
+
+    Args:
+        command: the command line recorded in the run's lock and journal (default: the
+            ``crossmodal index --add`` line that does this).
+
+    Returns:
+        ``added_items``, ``added_texts``, ``source`` (a folder as an absolute path),
+        ``already_present`` (items skipped), ``unknown_labels`` (``{name: items}``) and the
+        manifest's ``index`` entry.
+
+    Raises:
+        RunBusyError: another process is writing the run.
     """
     run_dir = Path(run_dir)
-    recover_run(run_dir)
-    manifest = check_run(run_dir, need=("model.safetensors", "image.index", "text.index", "store.sqlite"))
-    options = dict(options or {})
-    name = source
+    with lock_run(run_dir, command or f"crossmodal index --run {run_dir} --add {source}"):
+        recover_run(run_dir)
+        return _add(run_dir, source, dict(options or {}), progress)
+
+
+def _add(run_dir: Path, source: str, options: dict[str, Any], progress: bool) -> dict[str, Any]:
+    manifest = check_run(run_dir, need=("model.safetensors", *INDEX_PARTS))
+    name = origin = source
     if Path(source).is_dir():
-        name, options = "imagefolder", {"root": str(Path(source).resolve()), **options}
+        origin = str(Path(source).resolve())
+        name, options = "imagefolder", {**options, "root": origin}
     dataset = open_dataset(name, options)
+    with MetadataStore.open(run_dir / "store.sqlite") as store:
+        first_item, first_text = store.max_item_id() + 1, store.max_text_id() + 1
+        present = store.find_keys(dataset.ids, source=origin)
+        run_labels = [str(n) for n in store.get_meta("label_names", []) or []]
+    positions = np.array([i for i, key in enumerate(dataset.ids) if key not in present], dtype=np.int64)
+    result = {"source": origin, "already_present": len(dataset) - len(positions), "unknown_labels": {}}
+    if result["already_present"]:
+        log.warning("%s: %d of the %d items of %s are in the run already (added before): skipped",
+                    run_dir, result["already_present"], len(dataset), origin)  # fmt: skip
+    if not positions.size:
+        return {"added_items": 0, "added_texts": 0, **result, **manifest["index"]}
     model = load_model(run_dir)
     indexes = {
         m: BinaryIndex.load(run_dir / f"{m}.index", expected_bits=model.bits) for m in ("image", "text")
     }
-    with MetadataStore.open(run_dir / "store.sqlite") as store:
-        first_item, first_text = store.max_item_id() + 1, store.max_text_id() + 1
-    positions = np.arange(len(dataset))
-    units = text_units(dataset, positions)
     per_caption = (
         dataset.info.relevance == RELEVANCE_IMAGE or manifest["index"].get("text_units") == "caption"
     )
-    if per_caption:
-        units = [{**u, "text_id": first_text + j} for j, u in enumerate(units)]
-    for u in units:
-        u["item_id"] += first_item
-        if not per_caption:
-            u["text_id"] = u["item_id"]
-    item_ids = positions + first_item
-    texts = [u["caption"] for u in units]
-    for pos, codes in encode_items(model, dataset, positions, "image", progress=progress):
-        indexes["image"].add(pack_codes(codes.numpy()), item_ids[pos])
-    text_ids = np.array([u["text_id"] for u in units], dtype=np.int64)
-    for pos, codes in encode_items(model, dataset, positions, "text", texts=texts, progress=progress):
-        indexes["text"].add(pack_codes(codes.numpy()), text_ids[pos])
+    item_ids = first_item + np.arange(positions.size)
+    new_id = dict(zip(positions.tolist(), item_ids.tolist()))
+    units = text_units(dataset, positions)
+    for j, u in enumerate(units):
+        u["item_id"] = new_id[u["item_id"]]
+        u["text_id"] = first_text + j if per_caption else u["item_id"]
+    labels, result["unknown_labels"] = run_label_names(dataset, positions, run_labels)
+    if result["unknown_labels"]:
+        log.warning("%s: labels of %s that the run does not have were not stored: %s", run_dir, origin,
+                    ", ".join(f"{k} ({v} items)" for k, v in result["unknown_labels"].items()))  # fmt: skip
+    encode_into(model, indexes["image"], "image", item_ids, dataset, positions, progress=progress)
+    encode_into(model, indexes["text"], "text", [u["text_id"] for u in units],
+                texts=[u["caption"] for u in units], progress=progress)  # fmt: skip
     paths = write_thumbnails(dataset, positions, run_dir, item_ids, overwrite=True)
-    keys = dataset.ids
-    items = [{"item_id": int(i), "key": k, "image_path": p, "labels": [], "source": dataset.name}
-             for i, k, p in zip(item_ids, keys, paths)]  # fmt: skip
+    items = [{"item_id": int(i), "key": k, "image_path": p, "labels": names, "source": origin}
+             for i, k, p, names in zip(item_ids, dataset.ids_of(positions), paths, labels)]  # fmt: skip
+    entry = {"source": origin, "items": len(items), "texts": len(units),
+             **{k: v for k, v in result.items() if k != "source" and v}}  # fmt: skip
+    if set(options) - {"root"}:
+        entry["options"] = {k: v for k, v in options.items() if k != "root"}
     info = {**manifest["index"], "items": int(indexes["image"].ntotal), "texts": int(indexes["text"].ntotal)}
-    info["added"] = [*info.get("added", []), {"source": source, "items": len(items), "texts": len(units)}]
+    info["added"] = [*info.get("added", []), entry]
     with RunUpdate(run_dir) as update:
         for m in ("image", "text"):
             indexes[m].save(update.path(f"{m}.index"))
@@ -265,4 +431,87 @@ def add_to_run(
             store.add_items(items)
             store.add_texts(units)
         update.commit(index=info)
-    return {"added_items": len(items), "added_texts": len(units), **info}
+    return {"added_items": len(items), "added_texts": len(units), **result, **info}
+
+
+def run_label_names(
+    dataset: CrossModalDataset, positions: np.ndarray, run_labels: list[str]
+) -> tuple[list[list[str]], dict[str, int]]:
+    """Each item's label names that the run's label set holds (in its order, as the run's own items
+    list them), and ``{unknown name: items}``."""
+    matrix, names = dataset.labels_matrix(), dataset.info.label_names
+    if not matrix.shape[1]:
+        return [[] for _ in positions], {}
+    column = {name: j for j, name in enumerate(run_labels)}
+    out: list[list[str]] = []
+    unknown: Counter[str] = Counter()
+    for row in matrix[positions]:
+        item = [names[j] for j in np.flatnonzero(row)]
+        out.append(sorted((n for n in item if n in column), key=column.__getitem__))
+        unknown.update(n for n in item if n not in column)
+    return out, dict(sorted(unknown.items()))
+
+
+def remove_from_run(
+    run_dir: str | os.PathLike[str], keys: list[str], command: str | None = None
+) -> dict[str, Any]:
+    """Remove items by key from a run's indexes and store, with their texts.
+
+    Every item with one of the keys goes (a file name added from two folders names two
+    items). A key the run does not hold refuses the whole removal: nothing changes. The
+    run's own items that are removed are listed in the manifest (``index.removed_keys``), so
+    that a re-index leaves them out; removed added items are simply gone. Journaled like an
+    add (``RunUpdate``), under the run's lock.
+
+    Args:
+        keys: item keys (the dataset's ids, as ``crossmodal search`` shows them).
+        command: the command line recorded in the run's lock and journal.
+
+    Returns:
+        ``removed_items``, ``removed_texts`` and the manifest's ``index`` entry.
+
+    Raises:
+        RunError: a key is not in the run; RunBusyError: another process is writing it.
+    """
+    keys = list(dict.fromkeys(str(k) for k in keys))
+    if not keys:
+        raise ValueError("no item keys to remove")
+    run_dir = Path(run_dir)
+    with lock_run(run_dir, command or f"crossmodal index --run {run_dir} --remove {shlex.join(keys)}"):
+        recover_run(run_dir)
+        return _remove(run_dir, keys)
+
+
+def _remove(run_dir: Path, keys: list[str]) -> dict[str, Any]:
+    manifest = check_run(run_dir, need=INDEX_PARTS)
+    with MetadataStore.open(run_dir / "store.sqlite") as store:
+        found = store.find_keys(keys)
+        unknown = [k for k in keys if k not in found]
+        if unknown:
+            more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+            raise RunError(f"{len(unknown)} of the {len(keys)} keys are not in {run_dir}: "
+                           f"{', '.join(unknown[:10])}{more}; nothing was removed")  # fmt: skip
+        item_ids = sorted(i for ids in found.values() for i in ids)
+        items = [it for it in store.get_items(item_ids) if it is not None]
+        text_ids = [t["text_id"] for group in store.texts_of_items(item_ids) for t in group]
+    indexes = {m: BinaryIndex.load(run_dir / f"{m}.index", expected_bits=manifest.get("bits"))
+               for m in ("image", "text")}  # fmt: skip
+    indexes["image"].remove(item_ids, missing_ok=True)
+    indexes["text"].remove(text_ids, missing_ok=True)
+    info = {**manifest["index"], "items": int(indexes["image"].ntotal), "texts": int(indexes["text"].ntotal)}
+    own = {it["key"] for it in items if it["source"] == (manifest.get("dataset") or {}).get("name")}
+    if own:  # a re-index would bring these back from the dataset
+        info["removed_keys"] = sorted({*info.get("removed_keys", []), *own})
+    entry = {"keys": len(keys), "items": len(item_ids), "texts": len(text_ids)}
+    info["removed"] = [*info.get("removed", []), entry]
+    with RunUpdate(run_dir) as update:
+        for m in ("image", "text"):
+            indexes[m].save(update.path(f"{m}.index"))
+        shutil.copyfile(run_dir / "store.sqlite", update.path("store.sqlite"))
+        with MetadataStore.open(update.path("store.sqlite"), readonly=False) as store:
+            store.remove_items(item_ids)
+        update.commit(index=info)
+    for it in items:  # thumbnails no store names any more
+        if it["image_path"].startswith("images/"):
+            (run_dir / it["image_path"]).unlink(missing_ok=True)
+    return {"removed_items": len(item_ids), "removed_texts": len(text_ids), **info}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from crossmodal.runs.folder import (
     RunFormatError,
     check_run,
     load_run_config,
+    lock_run,
     recover_run,
 )
 from crossmodal.runs.state import is_evaluated, is_indexed, is_trained
@@ -66,10 +68,19 @@ def prepare_run(
     Raises:
         ConfigError, UnknownNameError: a bad recipe, before any work.
         RunError: the run folder exists but is damaged or from another version.
+        RunBusyError: another process is writing the run.
     """
     started = time.perf_counter()
     cfg = load_config(config, list(overrides))
     check_names(cfg)
+    command = shlex.join(["crossmodal", "prepare", *(["--config", str(config)] if config else []),
+                          *(a for o in overrides for a in ("--set", o))])  # fmt: skip
+    with lock_run(cfg.run_dir, command, create=True):  # train, index and eval take it again
+        return _prepare_run(cfg, baselines, progress, say, started)
+
+
+def _prepare_run(cfg: Config, baselines: bool, progress: bool, say: Callable[[str], None],
+                 started: float) -> Path:  # fmt: skip
     run_dir = cfg.run_dir
     if run_dir.is_dir():
         recover_run(run_dir)  # finish or roll back an update a crash interrupted

@@ -41,7 +41,7 @@ from crossmodal.losses import LOSSES, create_loss, list_losses
 from crossmodal.models.hasher import TwoTowerHasher
 from crossmodal.models.image import IMAGE_TOWERS
 from crossmodal.models.text import TEXT_TOWERS
-from crossmodal.runs.folder import RunError, RunUpdate, invalidate_products
+from crossmodal.runs.folder import RunError, RunUpdate, invalidate_products, lock_run
 from crossmodal.runs.model import build_model, model_spec, save_model
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,17 @@ def train_run(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
     Raises:
         UnknownNameError: the recipe names an unknown dataset, tower or loss (before any work).
         RunError: ``resume`` with a checkpoint that is torn or from another recipe.
+        RunBusyError: another process is writing the run.
     """
     check_names(cfg)
+    run = cfg.run_dir
+    command = (f"crossmodal train --config {run / 'config.yaml'} --set runs_dir={run.parent} "
+               f"--set name={run.name}{' --resume' if resume else ''}")
+    with lock_run(run, command, create=True):
+        return _train_run(cfg, resume, progress)
+
+
+def _train_run(cfg: Config, resume: bool, progress: bool) -> Path:
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     invalidate_products(run_dir, model=True)

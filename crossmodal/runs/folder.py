@@ -6,6 +6,13 @@ such as ``vocab.json``, ``splits.json``, ``image.index``, ``text.index``, ``stor
 length, the towers, the format version and a checksum of every file, so a run from
 another version, or one whose files changed underneath, is refused with a message
 that says what differs. Every change to a run goes through ``RunUpdate``.
+
+One process writes a run at a time: every writer (train, prepare, index, index --add and
+--remove, eval) holds the run's lock (``lock_run``: ``.lock``, with the holder's command in
+``.lock.json``) over its whole read-modify-write, and a second writer is refused at once
+with a message naming the run and the holder's command. The lock is an OS file lock
+(``flock``), sound on a local file system; a run folder on shared network storage is not
+covered.
 """
 
 from __future__ import annotations
@@ -15,18 +22,27 @@ import logging
 import os
 import platform
 import shutil
+import socket
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from crossmodal import RUN_FORMAT_VERSION, __version__
 from crossmodal.config import Config, load_config
-from crossmodal.io import sha256_file, write_json_atomic
+from crossmodal.io import atomic_path, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 JOURNAL = ".update.json"  # present only while a RunUpdate renames its files into place
+LOCK = ".lock"  # the writers' lock file (kept between writers)
+LOCK_INFO = ".lock.json"  # the command, process and start time of the lock's holder
 STAGING_PREFIX = ".staging-"
 INDEX_FILES = ("image.index", "image.index.json", "text.index", "text.index.json", "store.sqlite")
 EVAL_FILES = ("eval/metrics.json", "eval/report.md")
@@ -39,6 +55,10 @@ class RunError(RuntimeError):
 
 class ManifestError(RunError):
     """A run's manifest.json is unreadable or malformed: it vouches for nothing."""
+
+
+class RunBusyError(RunError):
+    """Another process (or thread) is writing the run folder: it holds the run's lock."""
 
 
 class RunFormatError(RunError):
@@ -135,13 +155,24 @@ def verify_files(run_dir: str | os.PathLike[str], manifest: dict[str, Any], name
         state = "differs from" if path.is_file() else "is missing, though listed in"
         if (run_dir / JOURNAL).exists():
             why = f"an interrupted update ({JOURNAL}) left {run_dir} half-replaced"
+            what = interrupted_hint(run_dir)
         else:
             why = "it changed or is damaged"
-        if (run_dir / JOURNAL).exists():
-            what = f"re-run the interrupted command (e.g. {command_for(run_dir, name)})"
-        else:
             what = f"rebuild it with: {command_for(run_dir, name)}"
         raise RunError(f"{path} {state} the checksum in {MANIFEST}: {why}; {what}")
+
+
+def interrupted_hint(run_dir: str | os.PathLike[str]) -> str:
+    """What to do about the interrupted update whose journal is in ``run_dir``: re-run the command
+    that wrote it (recorded in the journal), which rolls the update back first."""
+    command = None
+    try:
+        command = json.loads((Path(run_dir) / JOURNAL).read_text(encoding="utf-8")).get("command")
+    except (OSError, ValueError, AttributeError):
+        pass
+    if isinstance(command, str) and command:
+        return f"re-run the interrupted command: {command}"
+    return f"re-run the interrupted command (a command that writes {run_dir} rolls the update back first)"
 
 
 def command_for(run_dir: str | os.PathLike[str], name: str) -> str:
@@ -152,6 +183,78 @@ def command_for(run_dir: str | os.PathLike[str], name: str) -> str:
     if name.startswith("eval/"):
         return f"crossmodal eval --run {run_dir}"
     return rebuild_command(run_dir)
+
+
+_held = threading.local()  # .runs: {resolved run folder: command} of the locks this thread holds
+
+
+def _held_locks() -> dict[Path, str | None]:
+    if not hasattr(_held, "runs"):
+        _held.runs = {}
+    return _held.runs
+
+
+def held_command(run_dir: str | os.PathLike[str]) -> str | None:
+    """The command recorded by the lock this thread holds on ``run_dir`` (None if none or not held)."""
+    return _held_locks().get(Path(run_dir).resolve())
+
+
+@contextmanager
+def lock_run(run_dir: str | os.PathLike[str], command: str | None = None,
+             create: bool = False) -> Iterator[None]:
+    """Hold the writers' lock of ``run_dir`` for the with-block; refuse at once if another holds it.
+
+    Every writer holds it over its whole read-modify-write (so that two ``index --add`` never
+    read the same store), and ``RunUpdate`` and ``recover_run`` take it too. Re-entrant within
+    a thread (``prepare`` holds it while train, index and eval take it again); the outermost
+    ``command`` is recorded in ``.lock.json`` and in the journal of each update made under it.
+    Writers do not wait for each other: a second one gets ``RunBusyError`` naming the holder.
+
+    Args:
+        command: the command line that re-runs this job (shown to other writers, and in the
+            message after an interrupted update).
+        create: create the run folder when missing (training); otherwise a missing folder
+            raises ``RunError``.
+    """
+    run_dir = Path(run_dir)
+    held = _held_locks()
+    key = run_dir.resolve()
+    if key in held:  # this thread holds it already: the outer holder releases it
+        yield
+        return
+    if create:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    elif not run_dir.is_dir():
+        raise RunError(f"run folder not found: {run_dir}; create it with: crossmodal train --config ...")
+    lock = FileLock(run_dir / LOCK, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RunBusyError(_busy_message(run_dir)) from None
+    try:
+        info = {"command": command, "pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+        with atomic_path(run_dir / LOCK_INFO, fsync=False) as tmp:
+            tmp.write_text(json.dumps(info), encoding="utf-8")
+        held[key] = command
+        yield
+    finally:
+        held.pop(key, None)
+        (run_dir / LOCK_INFO).unlink(missing_ok=True)  # before the release: the next holder writes its own
+        lock.release()
+
+
+def _busy_message(run_dir: Path) -> str:
+    try:
+        info = json.loads((run_dir / LOCK_INFO).read_text(encoding="utf-8"))
+        holder = (f"{info['command'] or 'a crossmodal writer'} (pid {info['pid']} on {info['host']}, "
+                  f"since {info['started']})")
+    except (OSError, ValueError, TypeError, KeyError):  # the holder has not written it yet
+        holder = "another crossmodal process"
+    if len(holder) > 300:
+        holder = holder[:297] + "..."
+    return (f"{run_dir} is being written by {holder}; one writer at a time, and this one does not wait: "
+            f"run it again once that has finished")
 
 
 class RunUpdate:
@@ -170,7 +273,11 @@ class RunUpdate:
     journal leaves the run as it was; one killed during the renames (or before the journal
     is removed) leaves a journal: readers refuse a set whose checksums differ from the
     manifest, and ``recover_run``, which every writer calls first, rolls the update back,
-    so that running the command again does its work once.
+    so that running the command again does its work once. The journal names the command
+    that made the update (``lock_run``'s), so that the message after a crash says what to re-run.
+
+    It holds the run's lock (``lock_run``) from ``__enter__`` to ``__exit__``; a job holds it
+    already, from before it reads the run.
 
     This is the only writer of ``manifest.json``.
     """
@@ -182,17 +289,25 @@ class RunUpdate:
         self._adopted: list[str] = []
         self._forgotten: list[str] = []
         self._journaled = False
+        self._lock = ExitStack()
 
     def __enter__(self) -> RunUpdate:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.run_dir))
+        self._lock.enter_context(lock_run(self.run_dir, create=True))
+        try:
+            self.dir = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.run_dir))
+        except BaseException:
+            self._lock.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         # Once the journal is written, the staging folder holds the backups recover_run needs:
         # an update interrupted from there on (Ctrl+C, a full disk) leaves it for recover_run.
-        if self.dir is not None and not self.committed and not self._journaled:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            if self.dir is not None and not self.committed and not self._journaled:
+                shutil.rmtree(self.dir, ignore_errors=True)
+        finally:
+            self._lock.close()
 
     def path(self, name: str) -> Path:
         """Where to write the next version of the run file ``name`` (``"eval/report.md"`` too)."""
@@ -255,9 +370,9 @@ class RunUpdate:
         for name in existing:
             (backups / name).parent.mkdir(parents=True, exist_ok=True)
             _link_or_copy(self.run_dir / name, backups / name)
-        write_json_atomic(
-            self.run_dir / JOURNAL, {"staging": self.dir.name, "files": order, "existing": existing}
-        )
+        plan = {"staging": self.dir.name, "files": order, "existing": existing,
+                "command": held_command(self.run_dir)}  # fmt: skip
+        write_json_atomic(self.run_dir / JOURNAL, plan)
         self._journaled = True
         for name in order:
             (self.run_dir / name).parent.mkdir(parents=True, exist_ok=True)
@@ -294,16 +409,26 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def recover_run(run_dir: str | os.PathLike[str]) -> bool:
     """Undo an update interrupted by a crash, and remove leftover temporary files.
 
-    Writers call this first. A journal means the command that wrote it did not finish: the
-    files it backed up are put back and those it added removed, so running the command
-    again does its work once. Safe to call again if interrupted itself.
+    Writers call this first, holding the run's lock (it takes the lock itself otherwise, so
+    that it never removes the staging folder of a writer at work). A journal means the
+    command that wrote it did not finish: the files it backed up are put back and those it
+    added removed, so running the command again does its work once. Safe to call again if
+    interrupted itself.
 
     Returns:
         Whether an interrupted update was rolled back.
+
+    Raises:
+        RunBusyError: another process is writing the run.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return False
+    with lock_run(run_dir):
+        return _recover(run_dir)
+
+
+def _recover(run_dir: Path) -> bool:
     journal = run_dir / JOURNAL
     rolled_back = journal.exists()
     if rolled_back:
@@ -332,7 +457,8 @@ def recover_run(run_dir: str | os.PathLike[str]) -> bool:
             elif backup.exists():
                 os.replace(backup, run_dir / name)
         journal.unlink()
-        log.warning("%s: rolled back an interrupted update (%s)", run_dir, ", ".join(plan["files"]))
+        what = f"of `{plan['command']}` " if isinstance(plan.get("command"), str) else ""
+        log.warning("%s: rolled back an interrupted update %s(%s)", run_dir, what, ", ".join(plan["files"]))
     for leftover in run_dir.glob(f"{STAGING_PREFIX}*"):
         shutil.rmtree(leftover, ignore_errors=True)
     for leftover in [*run_dir.glob(".*.tmp"), *run_dir.glob("images/.*.tmp")]:
@@ -353,9 +479,16 @@ def invalidate_products(run_dir: str | os.PathLike[str], model: bool = False) ->
     removed = [name for name in INDEX_FILES if (run_dir / name).exists()]
     if (run_dir / MANIFEST).exists():  # first: the manifest no longer vouches for them
         try:
-            listed = json.loads((run_dir / MANIFEST).read_text(encoding="utf-8")).get("files", {})
+            manifest = json.loads((run_dir / MANIFEST).read_text(encoding="utf-8"))
+            listed = manifest.get("files", {})
+            added = (manifest.get("index") or {}).get("added") or []
         except (OSError, ValueError, AttributeError):  # unreadable: it vouches for nothing
             (run_dir / MANIFEST).unlink()
+        else:
+            for entry in [a for a in added if isinstance(a, dict)]:  # stale with the old model's codes
+                log.warning("%s: the items added from %s go with the old model's index; add them again "
+                            "with: crossmodal index --run %s --add %s", run_dir, entry.get("source"),
+                            run_dir, entry.get("source"))  # fmt: skip
     if (run_dir / MANIFEST).exists():
         with RunUpdate(run_dir) as update:
             update.forget(*INDEX_FILES, *EVAL_FILES)
