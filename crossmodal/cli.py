@@ -331,23 +331,31 @@ def _grid_args(p: argparse.ArgumentParser, default_losses: str) -> None:
     )
 
 
-def _run_grid(args: argparse.Namespace, default_out: str) -> int:
-    from crossmodal.jobs.grid import run_grid
+def _run_grid(args: argparse.Namespace, default_out: str, paper_pairs: bool = False) -> int:
+    from crossmodal.jobs.grid import compare_methods, run_grid, split_method
     from crossmodal.losses import list_losses
 
     losses = (
-        list_losses() if args.losses == "all" else [x.strip() for x in args.losses.split(",") if x.strip()]
-    )
-    unknown = sorted(set(losses) - set(list_losses()))
+        compare_methods(list_losses()) if args.losses == "all"
+        else [x.strip() for x in args.losses.split(",") if x.strip()]
+    )  # fmt: skip
+    unknown = sorted({split_method(m)[0] for m in losses} - set(list_losses()))
     if unknown:
-        raise ValueError(f"unknown loss(es) {', '.join(unknown)}; known losses: {', '.join(list_losses())}")
+        raise ValueError(f"unknown loss(es) {', '.join(unknown)}; known losses: {', '.join(list_losses())} "
+                         "(add +wp to dcmh, dpsh or dhn for weighted similar pairs)")  # fmt: skip
     try:
         bits = [int(b) for b in args.bits.split(",")]
     except ValueError:
         raise ValueError(f"--bits must be comma-separated integers, got {args.bits!r}") from None
-    report = run_grid(
-        args.config or ["configs/openmoji.yaml"], losses, bits, args.out or default_out, args.overrides
-    )
+    recipes = args.config or ["configs/openmoji.yaml"]
+    if getattr(args, "search", False):
+        from crossmodal.jobs.grid import run_search
+
+        report = run_search(recipes[0], losses, bits[-1], args.out or default_out, args.overrides)
+        print(report.read_text(encoding="utf-8"))
+        print(f"report: {report}")
+        return 0
+    report = run_grid(recipes, losses, bits, args.out or default_out, args.overrides, paper_pairs=paper_pairs)
     print(report.read_text(encoding="utf-8").split("\n## ")[0])
     print(f"report: {report}")
     return 0
@@ -359,10 +367,17 @@ def cmd_eval_grid(args: argparse.Namespace) -> int:
     return _run_grid(args, "runs/grid")
 
 
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    _grid_args(p, "all")
+    p.add_argument("--search", action="store_true",
+                   help="the fair protocol: per method, four validation trials of its own main settings, "
+                        "then three seeds of the chosen one, at the last --bits (resumable; long)")  # fmt: skip
+
+
 @command("compare", "train every registered method on identical towers, data and budget; one table")
-@args_for(lambda p: _grid_args(p, "all"))
+@args_for(_compare_args)
 def cmd_compare(args: argparse.Namespace) -> int:
-    return _run_grid(args, "runs/compare")
+    return _run_grid(args, "runs/compare", paper_pairs=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

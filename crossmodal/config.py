@@ -56,7 +56,7 @@ class ModelConfig:
     image_tower: str = "efficientnet_lite0"
     text_tower: str = "minilm"
     bits: int = 64
-    head: str = "mlp"  # linear | mlp | dne (divide-and-encode)
+    head: str = "mlp"  # linear | mlp | dne (divide-and-encode) | mlp_dne (mlp hidden layer, then dne)
     head_hidden: int = 1024  # hidden width of the mlp head
     pretrained: bool = True
     image_size: int = 96
@@ -75,12 +75,21 @@ class LossConfig:
     # with the other items of the batch as negatives (InfoNCE), both directions; 0: off
     contrastive: float = 0.0
     temperature: float = 0.1  # of the contrastive term, on cosine similarities of the codes
+    # weight of a term added to any loss: image codes against the codes of their labels' names
+    # as texts (pairwise likelihood, s = 1 where the image carries the label); 0: off
+    label_names: float = 0.0
+    # weight of a term added to any loss: squared correlation between code bits; 0: off
+    decorrelation: float = 0.0
 
 
 @dataclass
 class TrainConfig:
-    mode: str = "frozen"  # frozen: cache pretrained tower features, train the rest; finetune: end to end
-    trainable_blocks: int | None = None  # finetune: train only the last n blocks of pretrained towers
+    # frozen: cache pretrained tower features, train the rest; partial: as frozen, but the image
+    # tower's last trainable_blocks blocks train too, on cached feature maps of the blocks
+    # before them (the frozen part runs once); finetune: end to end
+    mode: str = "frozen"
+    # finetune: train only the last n blocks of pretrained towers; partial: n (null: 2)
+    trainable_blocks: int | None = None
     epochs: int = 15
     batch_size: int = 128
     lr: float = 1e-3
@@ -97,6 +106,14 @@ class TrainConfig:
     text_variants: bool = True  # frozen text: each step sees the joined captions or one caption at random
     # frozen text: the names of an item's labels ("word:cat" -> "cat") are training texts too
     label_texts: bool = False
+    # frozen image tower: augmented views per image (colour, greyscale, stroke width, blur,
+    # rotation, scale) cached beside the clean features; each step sees one of them at random
+    image_views: int = 0
+
+    @property
+    def partial_blocks(self) -> int:
+        """The image tower's trained blocks in ``partial`` mode (``trainable_blocks``, default 2)."""
+        return self.trainable_blocks if self.trainable_blocks is not None else 2
 
 
 @dataclass
@@ -129,18 +146,27 @@ class Config:
         bits = self.model.bits
         if bits <= 0 or bits % 8:
             raise ConfigError(f"model.bits must be a positive multiple of 8 (got {bits})")
-        if self.train.mode not in ("frozen", "finetune"):
-            raise ConfigError(f"train.mode must be 'frozen' or 'finetune' (got {self.train.mode!r})")
+        if self.train.mode not in ("frozen", "partial", "finetune"):
+            raise ConfigError(f"train.mode must be 'frozen', 'partial' or 'finetune' (got {self.train.mode!r})")
+        if self.train.mode == "partial" and self.train.trainable_blocks is not None \
+                and self.train.trainable_blocks <= 0:  # fmt: skip
+            raise ConfigError("train.mode 'partial' trains the image tower's last trainable_blocks blocks: "
+                              f"give a count >= 1 (got {self.train.trainable_blocks})")  # fmt: skip
         if self.train.optimizer not in ("adam", "sgd"):
             raise ConfigError(f"train.optimizer must be 'adam' or 'sgd' (got {self.train.optimizer!r})")
-        if self.model.head not in ("linear", "mlp", "dne"):
-            raise ConfigError(f"model.head must be linear, mlp or dne (got {self.model.head!r})")
+        if self.model.head not in ("linear", "mlp", "dne", "mlp_dne"):
+            raise ConfigError(f"model.head must be linear, mlp, dne or mlp_dne (got {self.model.head!r})")
         for key in ("epochs", "batch_size"):
             if getattr(self.train, key) <= 0:
                 raise ConfigError(f"train.{key} must be positive (got {getattr(self.train, key)})")
         if self.loss.similarity not in SIMILARITIES:
             raise ConfigError(f"loss.similarity must be one of {', '.join(SIMILARITIES)} "
                               f"(got {self.loss.similarity!r})")  # fmt: skip
+        if self.train.image_views < 0:
+            raise ConfigError(f"train.image_views must be >= 0 (got {self.train.image_views})")
+        for name in ("label_names", "decorrelation"):
+            if getattr(self.loss, name) < 0:
+                raise ConfigError(f"loss.{name} must be >= 0 (got {getattr(self.loss, name)})")
         if self.loss.contrastive < 0 or self.loss.temperature <= 0:
             raise ConfigError("loss.contrastive must be >= 0 and loss.temperature > 0 "
                               f"(got {self.loss.contrastive}, {self.loss.temperature})")  # fmt: skip

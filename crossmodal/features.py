@@ -18,8 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
+from crossmodal.augment import augment_view, view_rng
 from crossmodal.config import Config
 from crossmodal.data import CrossModalDataset
 from crossmodal.images import ImageDecodeError, open_image
@@ -47,17 +49,18 @@ def image_batch(dataset: CrossModalDataset, tower: Any, indices: np.ndarray) -> 
             since the build, or a build that checked less; it is never replaced by a blank
             image, which would be trained on, indexed and returned by search.
     """
-    out = []
-    for row in dataset.image_rows(indices):
-        try:
-            img = open_image(dataset.image_source(row))
-        except ImageDecodeError as exc:
-            raise ImageDecodeError(
-                f"item {row['id']} of dataset {dataset.name!r}: {exc}; rebuild the dataset "
-                "(force=true, check_images=decode) to leave it out"
-            ) from None
-        out.append(tower.preprocess(img))
-    return torch.stack(out)
+    return torch.stack([tower.preprocess(item_image(dataset, row)) for row in dataset.image_rows(indices)])
+
+
+def item_image(dataset: CrossModalDataset, row: dict[str, Any]) -> Image.Image:
+    """The decoded image of one ``image_rows`` row. Raises ``ImageDecodeError`` naming the item."""
+    try:
+        return open_image(dataset.image_source(row))
+    except ImageDecodeError as exc:
+        raise ImageDecodeError(
+            f"item {row['id']} of dataset {dataset.name!r}: {exc}; rebuild the dataset "
+            "(force=true, check_images=decode) to leave it out"
+        ) from None
 
 
 class ModalityInputs:
@@ -75,7 +78,8 @@ class ModalityInputs:
         self.modality, self.dataset, self.tower = modality, dataset, tower
         self.features = features  # [n_items, f] (or [n_texts, f] with offsets) when frozen and cached
         self.texts = texts
-        self.offsets = offsets  # text variants: rows offsets[i]:offsets[i+1] belong to item i
+        # text variants or image views: rows offsets[i]:offsets[i+1] belong to item i
+        self.offsets = offsets
 
     @property
     def from_features(self) -> bool:
@@ -83,7 +87,10 @@ class ModalityInputs:
 
     @property
     def item_features(self) -> torch.Tensor | None:
-        """``[n_items, f]`` cached features, one row per item (its joined text for text variants)."""
+        """``[n_items, f]`` cached features, one row per item (its joined text for text variants);
+        None where the cache holds feature maps of a partially trained tower, not its features."""
+        if getattr(self.tower, "cached_split", 0):
+            return None
         if self.features is None or self.offsets is None:
             return self.features
         return self.features[torch.as_tensor(self.offsets[:-1], dtype=torch.long)]
@@ -105,12 +112,17 @@ class ModalityInputs:
         return {k: v.to(device) for k, v in batch.items()}
 
 
-def tower_description(cfg: Config, modality: str) -> dict[str, Any]:
-    """What a frozen tower's cached features depend on (part of the cache key)."""
+def tower_description(cfg: Config, modality: str, training: bool = False) -> dict[str, Any]:
+    """What a frozen tower's cached features depend on (part of the cache key); with
+    ``training``, the image side also asks for the recipe's augmented views
+    (``train.image_views``), which only training reads."""
     m = cfg.model
     if modality == "image":
-        return {"name": m.image_tower, "size": m.image_size, "weights": m.image_weights,
+        desc = {"name": m.image_tower, "size": m.image_size, "weights": m.image_weights,
                 "pretrained": m.pretrained}  # fmt: skip
+        if cfg.train.mode == "partial":  # the cache holds the maps entering the trained blocks
+            desc["trunk"] = cfg.train.partial_blocks
+        return {**desc, "views": cfg.train.image_views} if training and cfg.train.image_views else desc
     desc = {"name": m.text_tower, "options": m.text_options, "pretrained": m.pretrained}
     return {**desc, "label_texts": True} if cfg.train.label_texts else desc
 
@@ -149,6 +161,60 @@ def text_variants(dataset: CrossModalDataset, label_texts: bool = False) -> tupl
     return texts, np.asarray(offsets, dtype=np.int64)
 
 
+def label_name_texts(dataset: CrossModalDataset) -> tuple[list[str], np.ndarray]:
+    """Every label's name as a text (``label_text``) and its label column ``[k]``; labels
+    whose name is empty are left out."""
+    pairs = [(label_text(n), j) for j, n in enumerate(dataset.info.label_names) if label_text(n)]
+    return [t for t, _ in pairs], np.asarray([j for _, j in pairs], dtype=np.int64)
+
+
+@torch.no_grad()
+def label_name_inputs(
+    dataset: CrossModalDataset, tower: Any, frozen: bool, device: torch.device | None = None,
+    batch_size: int = 64,
+) -> tuple[ModalityInputs, np.ndarray] | None:  # fmt: skip
+    """The text inputs of the dataset's label names, for the ``label_names`` training term.
+
+    A frozen tower runs over the names once (a few hundred short texts: no cache); a
+    trained one tokenizes them at every step. Returns the inputs (rows in the order of the
+    columns) and the label columns ``[k]``, or None when the dataset has no named labels
+    or its text side is a fixed bag of words (no tower reads strings).
+    """
+    names, columns = label_name_texts(dataset)
+    if not names or dataset.info.bow_dim:
+        return None
+    if not frozen:
+        return ModalityInputs("text", dataset, tower, texts=names), columns
+    device = device or torch.device("cpu")
+    tower.eval().to(device)
+    model = tower.for_inference() if hasattr(tower, "for_inference") else tower
+    feats = []
+    for s in range(0, len(names), batch_size):
+        x = {k: v.to(device) for k, v in tower.tokenize(names[s : s + batch_size]).items()}
+        feats.append(model(**x).float().cpu())
+    return ModalityInputs("text", dataset, tower, features=torch.cat(feats)), columns
+
+
+class AugmentedImages:
+    """The augmented views of a dataset's images as one table: row ``r`` is view
+    ``r % views + 1`` of item ``r // views`` (``augment.augment_view``, seeded per item and view)."""
+
+    modality = "image"
+
+    def __init__(self, dataset: CrossModalDataset, tower: Any, views: int, seed: int = 0) -> None:
+        self.dataset, self.tower, self.views, self.seed = dataset, tower, views, seed
+
+    def batch(self, rows: np.ndarray, device: torch.device, rng: np.random.Generator | None = None) -> torch.Tensor:
+        rows = np.asarray(rows)
+        items = rows // self.views
+        out = []
+        for r, row in zip(rows, self.dataset.image_rows(items), strict=True):
+            img = item_image(self.dataset, row)
+            view = augment_view(img, view_rng(self.seed, int(r // self.views), int(r % self.views) + 1))
+            out.append(self.tower.preprocess(view))
+        return torch.stack(out).to(device)
+
+
 @dataclass
 class FeatureRequest:
     """One frozen tower to run over a dataset: its modality, the tower and its description."""
@@ -168,6 +234,7 @@ class _Job:
     out: np.ndarray
     path: Path | None
     batch_size: int
+    key: str  # what the features are: a modality, or "views" (augmented images)
     # Inputs are prepared one batch at a time per tower (a fast tokenizer must not be used by
     # two threads at once); the forward passes of two batches do run side by side.
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -222,37 +289,54 @@ def extract_all(
     results: dict[str, Any] = {}
     jobs: list[_Job] = []
     offsets_of: dict[str, np.ndarray | None] = {}
+    views = {}  # modality -> augmented views per item (images)
+
+    def cache_path(modality: str, desc: dict[str, Any]) -> Path | None:
+        if not cache_dir:
+            return None
+        key = cache_key(dataset, modality, desc)
+        return Path(cache_dir) / f"{dataset.name}-{modality}-{desc.get('name', 'tower')}-{key}.npy"
+
+    def add_job(key: str, source: Any, n: int, desc: dict[str, Any], tower: Any, order: np.ndarray) -> None:
+        path = cache_path(source.modality, desc)
+        feats = _load_cache(path, (n, tower.feature_dim))
+        if feats is not None:
+            results[key] = feats
+            return
+        tower.eval().to(device)
+        model = tower.for_inference() if hasattr(tower, "for_inference") else tower
+        out = np.zeros((n, tower.feature_dim), dtype=np.float32)
+        jobs.append(_Job(source, model, order, out, path, batch_size, key))
+
     for req in requests:
         texts, offsets = (None, None)
         if req.modality == "text" and not dataset.info.bow_dim:
             texts, offsets = text_variants(dataset, bool(req.desc.get("label_texts")))
         offsets_of[req.modality] = offsets
         n = len(texts) if texts is not None else len(dataset)
-        path = None
-        if cache_dir:
-            desc = {**req.desc, "variants": True} if texts is not None else req.desc
-            key = cache_key(dataset, req.modality, desc)
-            name = f"{dataset.name}-{req.modality}-{req.desc.get('name', 'tower')}-{key}.npy"
-            path = Path(cache_dir) / name
-        feats = _load_cache(path, (n, req.tower.feature_dim))
-        if feats is not None:
-            results[req.modality] = feats
-            continue
-        req.tower.eval().to(device)
-        model = req.tower.for_inference() if hasattr(req.tower, "for_inference") else req.tower
+        desc = {**req.desc, "variants": True} if texts is not None else req.desc
+        k = int(desc.pop("views", 0) or 0)  # the clean features keep the key they have without views
         # texts in order of length: a batch pads to similar lengths (MiniLM on OpenMoji's
         # names: about 1.8x faster than the dataset's order); rows are written back in place
         order = np.argsort([len(t) for t in texts], kind="stable") if texts is not None else np.arange(n)
-        out = np.zeros((n, req.tower.feature_dim), dtype=np.float32)
         source = ModalityInputs(req.modality, dataset, req.tower, texts=texts)
-        jobs.append(_Job(source, model, order, out, path, batch_size))
+        add_job(req.modality, source, n, desc, req.tower, order)
+        if k and req.modality == "image":
+            views[req.modality] = k
+            aug = AugmentedImages(dataset, req.tower, k)
+            add_job("views", aug, n * k, {**desc, "views": k}, req.tower, np.arange(n * k))
     _run_jobs(jobs, device, progress)
     for job in jobs:
         if job.path is not None:
             with atomic_path(job.path) as tmp:
                 with open(tmp, "wb") as fh:
                     np.save(fh, job.out, allow_pickle=False)
-        results[job.source.modality] = job.out
+        results[job.key] = job.out
+    for m, k in views.items():  # rows of item i: its clean features, then its k views
+        clean, aug = results[m], results.pop("views")
+        results[m] = np.concatenate([clean[:, None], aug.reshape(len(clean), k, -1)], axis=1).reshape(
+            len(clean) * (k + 1), -1)  # fmt: skip
+        offsets_of[m] = np.arange(0, len(clean) * (k + 1) + 1, k + 1, dtype=np.int64)
     out: dict[str, Any] = {}
     for m, feats in results.items():
         t, offsets = torch.from_numpy(feats), offsets_of[m]
@@ -268,7 +352,7 @@ def _run_jobs(jobs: list[_Job], device: torch.device, progress: bool = True) -> 
     if not jobs:
         return
     work = [(job, idx) for job in jobs for idx in job.batches()]
-    desc = " + ".join(j.source.modality for j in jobs) + " features"
+    desc = " + ".join("image views" if j.key == "views" else j.key for j in jobs) + " features"
     total = sum(len(j.order) for j in jobs)
     bar = tqdm(total=total, desc=desc, unit="input", leave=False, disable=not progress)
     threads = torch.get_num_threads()

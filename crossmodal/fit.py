@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from crossmodal.codes import sign
 from crossmodal.evaluate import evaluate_directions, relevance_args
-from crossmodal.losses import HashLoss, LossBatch, Similarity
+from crossmodal.losses import HashLoss, LossBatch, Similarity, pairwise_nll
 from crossmodal.models.hasher import TwoTowerHasher
 
 log = logging.getLogger(__name__)
@@ -70,12 +70,17 @@ class TrainData:
         labels: ``[n_items, L]`` multi-hot labels of every position (``L = 0``: relevance is
             "same item", as for captions-only data).
         val: positions of the validation items (none: no selection, the last epoch is kept).
+        names: the text inputs of the label names, ``[len(name_columns)]`` rows (for the
+            ``label_names`` term; None: off).
+        name_columns: ``[k]`` the label columns whose names ``names`` holds, in its row order.
     """
 
     inputs: dict[str, Inputs]
     train: np.ndarray
     labels: np.ndarray
     val: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    names: Inputs | None = None
+    name_columns: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 @dataclass
@@ -95,11 +100,13 @@ class FitOptions:
     similarity: str = "binary"  # Similarity.mode: binary | cosine | jaccard
     contrastive: float = 0.0  # weight of the instance-level InfoNCE term (0: off)
     temperature: float = 0.1
+    label_names: float = 0.0  # weight of the images <-> label-name texts likelihood term (0: off)
+    decorrelation: float = 0.0  # weight of the bit decorrelation term (0: off)
 
     @classmethod
     def from_config(cls, train: Any, loss: Any = None) -> FitOptions:
         """The options of a ``TrainConfig`` and ``LossConfig`` (``device: auto`` resolved)."""
-        from_loss = ("similarity", "contrastive", "temperature")
+        from_loss = ("similarity", "contrastive", "temperature", "label_names", "decorrelation")
         names = [f for f in cls.__dataclass_fields__ if f != "device" and f not in from_loss]
         extra = {f: getattr(loss, f) for f in from_loss} if loss is not None else {}
         return cls(**{f: getattr(train, f) for f in names}, **extra, device=str(resolve_device(train.device)))
@@ -246,9 +253,10 @@ def fit(
     for epoch in bar:
         started = time.perf_counter()
         terms: dict[str, float] = {}
+        names = _NamePairs(data, sim, opts.label_names) if opts.label_names and data.names is not None else None
         for m in MODALITIES:
             other = "text" if m == "image" else "image"
-            step = _Step(model, loss, data.inputs[m], train, sim, opt, opts, device)
+            step = _Step(model, loss, data.inputs[m], train, sim, opt, opts, device, names)
             for name, value in step.run(m, epoch, buffers, buffers[other], B).items():
                 terms[f"{m}/{name}"] = value
         B = loss.update_codes(buffers["image"], buffers["text"])
@@ -278,9 +286,9 @@ def fit(
 class _Step:
     """One pass of steps on one tower, with the other modality's codes and B fixed."""
 
-    def __init__(self, model, loss, inputs, train, sim, opt, opts, device) -> None:  # noqa: ANN001
+    def __init__(self, model, loss, inputs, train, sim, opt, opts, device, names=None) -> None:  # noqa: ANN001
         self.model, self.loss, self.inputs, self.train, self.sim = model, loss, inputs, train, sim
-        self.opt, self.opts, self.device = opt, opts, device
+        self.opt, self.opts, self.device, self.names = opt, opts, device, names
 
     def run(self, m: str, epoch: int, buffers: dict[str, torch.Tensor], other: torch.Tensor,
             B: torch.Tensor) -> dict[str, float]:  # fmt: skip
@@ -292,12 +300,16 @@ class _Step:
         for s in range(0, len(order), bs):
             pos = torch.as_tensor(order[s : s + bs], device=self.device)
             items = self.train[pos.cpu().numpy()]
-            variant_rng = rng if self.opts.text_variants else None
+            variant_rng = rng if self.opts.text_variants or m == "image" else None  # a text or image view
             codes = encode(self.model, self.inputs, items, m, self.device, variant_rng)
             terms = self.loss(LossBatch(m, codes, pos, buffers[m], other, B, self.sim))
             if self.opts.contrastive:  # this tower's codes against the other side of the same items
                 nce = info_nce(codes, other[pos], self.opts.temperature)
                 terms["contrastive"] = self.opts.contrastive * nce
+            if self.names is not None:
+                terms["label_names"] = self.opts.label_names * self.names.term(self.model, m, codes, buffers, pos)
+            if self.opts.decorrelation:
+                terms["decorrelation"] = self.opts.decorrelation * decorrelation(buffers[m], codes, pos)
             total = sum(terms.values())
             self.opt.zero_grad(set_to_none=True)
             total.backward()
@@ -340,6 +352,53 @@ def validate(
 def _similarity(labels: np.ndarray, train: np.ndarray, device: torch.device, mode: str) -> Similarity:
     lab = torch.from_numpy(np.asarray(labels)[train].astype(np.float32)) if labels.shape[1] else None
     return Similarity(lab.to(device) if lab is not None else None, len(train), mode=mode)
+
+
+class _NamePairs:
+    """Images against the texts of label names: the pairwise likelihood of DCMH (its eq. 2)
+    between image codes and the codes of every label's name as a text, with s = 1 where the
+    image carries the label. Where ``text_variants`` trains a label name as one more text of
+    each item that carries it, and so as similar to everything those items share a label
+    with ("cat" to a tiger, through "mammal"), this term asks the name's code to be near
+    exactly the images of its label: what a one-word query needs. Similar pairs are weighted
+    by the dissimilar/similar ratio (labels are sparse). The image step moves image codes
+    against fixed name codes; the text step moves the name codes against the image buffer.
+    """
+
+    def __init__(self, data: TrainData, sim: Similarity, weight: float) -> None:
+        assert sim.labels is not None and data.names is not None
+        self.inputs = data.names
+        self.rows = np.arange(len(data.name_columns))
+        self.y = sim.labels[:, torch.as_tensor(data.name_columns, device=sim.labels.device)]  # [n, k]
+        p = float(self.y.mean())
+        self.pos_weight = (1.0 - p) / p if 0.0 < p < 1.0 else 1.0
+
+    def term(self, model: TwoTowerHasher, m: str, codes: torch.Tensor, buffers: dict[str, torch.Tensor],
+             pos: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """The mean pair term of one batch: ``codes [b, c]`` of modality ``m`` at ``pos``."""
+        device = codes.device
+        if m == "image":
+            with torch.no_grad():
+                names = encode(model, self.inputs, self.rows, "text", device)
+            images = codes
+        else:
+            names = encode(model, self.inputs, self.rows, "text", device)
+            images = buffers["image"][pos]
+        y = self.y[pos]
+        return pairwise_nll(images, names, y, self.pos_weight) / y.numel()
+
+
+def decorrelation(buffer: torch.Tensor, codes: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Mean squared off-diagonal correlation of the code bits over the training set, the
+    batch rows ``pos`` replaced by ``codes [b, c]``: bits that carry the same information
+    waste the code (the decorrelation constraint of spectral hashing, Weiss et al. 2008,
+    as a penalty; in deep hashing, e.g. DPSH's successors and DSDH)."""
+    z = buffer.index_copy(0, pos, codes)
+    z = z - z.mean(0, keepdim=True)
+    z = z / z.norm(dim=0, keepdim=True).clamp(min=1e-6)
+    corr = z.T @ z  # [c, c], unit diagonal
+    c = corr.shape[0]
+    return (corr.pow(2).sum() - corr.diagonal().pow(2).sum()) / (c * (c - 1))
 
 
 def info_nce(anchors: torch.Tensor, partners: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -210,10 +210,11 @@ SECTIONS = ("keyword", "codes")  # metrics.json keys beside its {row: {direction
 
 
 def _main_tables(rows: list[dict[str, Any]], lead: list[tuple[str, str]], dirs: Sequence[str],
-                 p_key: str | None, extra: tuple[str, str] | None = None,
+                 p_key: str | None, extra: tuple[str, str] | list[tuple[str, str]] | None = None,
                  ndcg: str | None = None) -> list[str]:
-    """The stable table (plus ``extra`` column) and the tie-aware table."""
-    stable = [*lead, *direction_columns(dirs, p_key, ndcg=ndcg), *([extra] if extra else [])]
+    """The stable table (plus the ``extra`` column or columns) and the tie-aware table."""
+    extras = [extra] if isinstance(extra, tuple) else list(extra or [])
+    stable = [*lead, *direction_columns(dirs, p_key, ndcg=ndcg), *extras]
     tie = [*lead, *direction_columns(dirs, p_key, tie=True, ndcg=ndcg)]
     return [markdown_table(rows, stable), "\nTie-aware:\n", markdown_table(rows, tie)]
 
@@ -411,9 +412,13 @@ def grid_report(results: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike
     flat = {f"{i}/{d}": m for i, c in enumerate(with_metrics) for d, m in c["metrics"].items()}
     p_key, n_key = precision_key(flat), ndcg_key(flat)
     rows = [{"method": c["method"], "bits": int(c["bits"]), "train_time_s": _seconds(c.get("train_time_s")),
-             "error": c.get("error"), **flatten_metrics(c.get("metrics") or {})} for c in cells]
+             "error": c.get("error"), **flatten_metrics(c.get("metrics") or {}),
+             **{f"keyword_{s}": v for s, v in (c.get("keyword_p@10") or {}).items()}} for c in cells]  # fmt: skip
     lead = [("method", "method"), ("bits", "bits")]
-    tables = _main_tables(rows, lead, dirs, p_key, ("train_time_s", "train s"), ndcg=n_key)
+    extra = [("train_time_s", "train s")]
+    if any(r.get("keyword_database") is not None for r in rows):
+        extra = [("keyword_database", "keyword P@10"), ("keyword_query", "keyword P@10 (query split)"), *extra]
+    tables = _main_tables(rows, lead, dirs, p_key, extra, ndcg=n_key)
     text = [f"# {title}\n", DEFINITIONS + "\n", *tables]
     failed = [r for r in rows if r.get("error")]
     if failed:

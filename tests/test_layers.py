@@ -23,7 +23,7 @@ ENTRY = {"crossmodal.cli", "crossmodal.app", "crossmodal.__main__"}
 # rank of each part of the core (a module may import from its own rank or below)
 CORE_RANKS = {
     "crossmodal": 0, "crossmodal.registry": 0, "crossmodal.io": 0, "crossmodal.codes": 0,
-    "crossmodal.images": 0, "crossmodal.text": 0, "crossmodal.config": 0,
+    "crossmodal.images": 0, "crossmodal.augment": 0, "crossmodal.text": 0, "crossmodal.config": 0,
     "crossmodal.data": 1,
     "crossmodal.models": 2, "crossmodal.index": 2, "crossmodal.store": 2, "crossmodal.evaluate": 2,
     "crossmodal.baselines": 2, "crossmodal.features": 2, "crossmodal.report": 2,

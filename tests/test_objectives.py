@@ -153,3 +153,74 @@ def test_every_pairwise_likelihood_loss_has_the_pair_weighting_switch(name):
     assert loss.pos_weight == pytest.approx(3.0)
     with pytest.raises(ValueError, match="pos_weight must be a number or 'balanced'"):
         create_loss(name, pos_weight="often")
+
+
+def test_label_name_term_puts_a_name_nearest_its_own_images():
+    """Two fine classes A and B share a coarse label C, so "shares a label" makes them
+    similar. The label_names term trains the code of the name "A" against exactly the
+    images labelled A: typed alone, it ranks every A image before every B image."""
+    rng = np.random.default_rng(1)
+    n, dim = 40, 16
+    cls = np.arange(n) % 2  # 0: A, 1: B; both C
+    xi = torch.tensor(rng.normal(size=(2, dim))[cls] * 2 + 0.3 * rng.normal(size=(n, dim)), dtype=torch.float32)
+    xt = torch.tensor(rng.normal(size=(n, dim)), dtype=torch.float32)  # texts that say little
+    names = torch.tensor(rng.normal(size=(3, dim)), dtype=torch.float32)  # "A", "B", "C"
+    labels = np.concatenate([np.eye(2, dtype=np.uint8)[cls], np.ones((n, 1), dtype=np.uint8)], axis=1)
+    precision = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = TwoTowerHasher(Features(dim), Features(dim), 16)
+        data = TrainData({"image": TensorInputs(xi), "text": TensorInputs(xt)}, np.arange(n), labels,
+                         names=TensorInputs(names), name_columns=np.arange(3))  # fmt: skip
+        loss = create_loss("dcmh", eta=0.01, pos_weight="balanced")
+        state = fit(model, loss, data, FitOptions(epochs=40, batch_size=10, lr=1e-2, label_names=weight))
+        assert ("image/label_names" in state.history[-1]) == bool(weight)
+        assert ("text/label_names" in state.history[-1]) == bool(weight)
+        with torch.no_grad():
+            bi = model.encode_image(xi, binarize=True, from_features=True)
+            bn = model.encode_text(names, binarize=True, from_features=True)
+        d = (8 - bn @ bi.T / 2).numpy()  # [3 names, n images]
+        top_a = np.argsort(d[0], kind="stable")[:20]
+        top_b = np.argsort(d[1], kind="stable")[:20]
+        precision[weight] = (np.mean(cls[top_a] == 0) + np.mean(cls[top_b] == 1)) / 2
+    assert precision[1.0] == 1.0 and precision[0.0] < 1.0, precision
+
+
+def test_decorrelation_by_hand():
+    from crossmodal.fit import decorrelation
+
+    x = torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0, 1.0], [-1.0, -1.0]])
+    assert float(decorrelation(x, x[:1], torch.tensor([0]))) == pytest.approx(0.0, abs=1e-6)  # independent bits
+    twins = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, 1.0], [-1.0, -1.0]])
+    assert float(decorrelation(twins, twins[:1], torch.tensor([0]))) == pytest.approx(1.0, abs=1e-5)
+    opposed = torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0, -1.0], [-1.0, 1.0]])
+    assert float(decorrelation(opposed, opposed[:1], torch.tensor([0]))) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_decorrelation_term_uses_more_bits():
+    """Features of one dimension copied into 8: without the term the 8 code bits agree; the
+    term makes them carry different splits of the items (more distinct codes)."""
+    rng = np.random.default_rng(2)
+    n = 64
+    x = torch.tensor(rng.normal(size=(n, 12)), dtype=torch.float32)
+    labels = np.eye(4, dtype=np.uint8)[np.arange(n) % 4]
+    distinct = {}
+    for weight in (0.0, 2.0):
+        torch.manual_seed(0)
+        model = TwoTowerHasher(Features(12), Features(12), 8)
+        data = TrainData({"image": TensorInputs(x), "text": TensorInputs(x)}, np.arange(n), labels)
+        state = fit(model, create_loss("dcmh", eta=0.01), data,
+                    FitOptions(epochs=30, batch_size=16, lr=1e-2, decorrelation=weight))  # fmt: skip
+        assert ("image/decorrelation" in state.history[-1]) == bool(weight)
+        with torch.no_grad():
+            codes = model.encode_image(x, binarize=True, from_features=True)
+        z = codes - codes.mean(0)
+        corr = (z.T @ z) / (z.norm(dim=0)[:, None] * z.norm(dim=0)[None, :]).clamp(min=1e-6)
+        distinct[weight] = float((corr.pow(2).sum() - corr.diagonal().pow(2).sum()) / 56)
+    assert distinct[2.0] < distinct[0.0], distinct
+
+
+def test_new_term_weights_are_checked():
+    for key in ("loss.label_names", "loss.decorrelation", "train.image_views"):
+        with pytest.raises(ConfigError, match=f"{key} must be >= 0"):
+            load_config(None, [f"{key}=-1"])

@@ -23,7 +23,14 @@ from safetensors.torch import load_file, save_file
 from crossmodal.config import Config, settings_differences, training_settings
 from crossmodal.data import DATASETS, CrossModalDataset, open_dataset
 from crossmodal.data.splits import make_splits
-from crossmodal.features import FeatureRequest, ModalityInputs, extract_all, item_texts, tower_description
+from crossmodal.features import (
+    FeatureRequest,
+    ModalityInputs,
+    extract_all,
+    item_texts,
+    label_name_inputs,
+    tower_description,
+)
 from crossmodal.fit import (
     MODALITIES,
     FitOptions,
@@ -39,7 +46,7 @@ from crossmodal.fit import (
 from crossmodal.io import atomic_path, write_json_atomic
 from crossmodal.losses import LOSSES, create_loss, list_losses
 from crossmodal.models.hasher import TwoTowerHasher
-from crossmodal.models.image import IMAGE_TOWERS
+from crossmodal.models.image import IMAGE_TOWERS, CachedTrunk
 from crossmodal.models.text import TEXT_TOWERS
 from crossmodal.runs.folder import RunError, RunUpdate, invalidate_products, lock_run
 from crossmodal.runs.model import build_model, model_spec, save_model
@@ -92,15 +99,24 @@ def _train_run(cfg: Config, resume: bool, progress: bool) -> Path:
     cfg.dump(run_dir / "config.yaml")
     model = build_model(cfg, dataset.info)
     loss = create_loss(cfg.loss.name, **cfg.loss.params)
-    frozen = frozen_towers(model, cfg.train.mode == "frozen")
+    frozen = frozen_towers(model, cfg.train.mode in ("frozen", "partial"))
+    if cfg.train.mode == "partial":  # its last blocks train (on cached maps): saved with the run
+        frozen["image"] = False
     options = FitOptions.from_config(cfg.train, cfg.loss)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     # one seeded stream from here: a vocabulary tower creates its first layer when it is fitted
     torch.manual_seed(cfg.train.seed)
     inputs = prepare_inputs(cfg, model, dataset, splits.train, frozen, options.device, progress)
-    timings["features"] = round(time.perf_counter() - t0, 3)
     data = TrainData(inputs, splits.train, dataset.labels_matrix(), splits.val)
+    if cfg.loss.label_names:
+        names = label_name_inputs(dataset, model.text_tower, frozen["text"], torch.device(options.device))
+        if names is None:
+            log.warning("loss.label_names is set but %s has no named labels a text tower can read; "
+                        "the term is off", dataset.name)  # fmt: skip
+        else:
+            data.names, data.name_columns = names
+    timings["features"] = round(time.perf_counter() - t0, 3)
     checkpoints = Checkpoints(run_dir, cfg, model, loss, frozen)
     t0 = time.perf_counter()
     try:
@@ -144,9 +160,13 @@ def prepare_inputs(
     towers = {"image": model.image_tower, "text": model.text_tower}
     requests = []
     for m, tower in towers.items():
-        if frozen[m]:
+        if m == "image" and cfg.train.mode == "partial":
+            k = cfg.train.partial_blocks
+            tower.set_trainable(k)
+            requests.append(FeatureRequest(m, CachedTrunk(tower, k), tower_description(cfg, m, training=True)))
+        elif frozen[m]:
             tower.set_trainable(0)
-            requests.append(FeatureRequest(m, tower, tower_description(cfg, m)))
+            requests.append(FeatureRequest(m, tower, tower_description(cfg, m, training=True)))
         elif cfg.train.trainable_blocks is not None and getattr(tower, "pretrained", False):
             tower.set_trainable(cfg.train.trainable_blocks)
     cache, fbs = cfg.train.cache_dir, cfg.train.feature_batch_size

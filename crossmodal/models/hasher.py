@@ -67,14 +67,27 @@ class DivideAndEncode(nn.Module):
         return out.reshape(x.shape[0], -1)
 
 
+HEADS = ("linear", "mlp", "dne", "mlp_dne")
+
+
 def make_head(kind: str, in_dim: int, bits: int, hidden: int = 1024) -> nn.Module:
+    """A hash head ``[B, in_dim] -> [B, bits]``: ``linear``; ``mlp`` (one hidden layer of
+    ``hidden`` units, ReLU); ``dne`` (divide-and-encode on the features themselves); ``mlp_dne``
+    (the mlp's hidden layer, then divide-and-encode on it: DNNH slices learned features, and
+    this gives it the mlp head's capacity).
+
+    Raises:
+        ValueError: an unknown ``kind``, or ``dne`` with more slices than features.
+    """
     if kind == "linear":
         return nn.Linear(in_dim, bits)
     if kind == "mlp":
         return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(0.1), nn.Linear(hidden, bits))
     if kind == "dne":
         return DivideAndEncode(in_dim, bits)
-    raise ValueError(f"unknown head {kind!r}; known heads: dne, linear, mlp")
+    if kind == "mlp_dne":  # the mlp head's hidden layer, then divide-and-encode slices of it
+        return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(0.1), DivideAndEncode(hidden, bits))
+    raise ValueError(f"unknown head {kind!r}; known heads: {', '.join(HEADS)}")
 
 
 class TwoTowerHasher(nn.Module):
@@ -142,8 +155,14 @@ class TwoTowerHasher(nn.Module):
     def encode_image(
         self, x: torch.Tensor, binarize: bool = False, from_features: bool = False
     ) -> torch.Tensor:
-        """Images ``[B, 3, S, S]`` (or features ``[B, f]``) -> codes ``[B, bits]``."""
-        feats = x if from_features else self.image_tower(x)
+        """Images ``[B, 3, S, S]`` (or cached features ``[B, f]``) -> codes ``[B, bits]``.
+
+        Cached features are the pooled features of a frozen tower, or, when the tower is
+        partially fine-tuned (``cached_split``), the flattened maps its last blocks read."""
+        if from_features:
+            feats = self.image_tower.from_cached(x) if hasattr(self.image_tower, "from_cached") else x
+        else:
+            feats = self.image_tower(x)
         return self._finish(self.image_head(feats), binarize)
 
     def encode_text(

@@ -96,6 +96,65 @@ class ImageTower(nn.Module):
         """``None``/``-1``: all trainable; ``0``: frozen; ``n``: only the last ``n`` blocks."""
         set_trainable_blocks(self, self.blocks(), last_blocks)
 
+    #: partial fine-tuning: how many of the last blocks run on cached feature maps (0: none;
+    #: the cached inputs are then the pooled features themselves)
+    cached_split: int = 0
+
+    def trunk(self, x: torch.Tensor, last_blocks: int) -> torch.Tensor:
+        """Images ``[B, 3, S, S]`` -> the feature maps that enter the last ``last_blocks``
+        blocks, ``[B, C, H, W]``. Only towers that support partial fine-tuning implement it."""
+        raise NotImplementedError(f"{type(self).__name__} does not support partial fine-tuning")
+
+    def top(self, maps: torch.Tensor, last_blocks: int) -> torch.Tensor:
+        """The last ``last_blocks`` blocks and the pooling: maps ``[B, C, H, W]`` -> ``[B, feature_dim]``."""
+        raise NotImplementedError(f"{type(self).__name__} does not support partial fine-tuning")
+
+    def from_cached(self, x: torch.Tensor) -> torch.Tensor:
+        """What the head reads, from cached inputs: pooled features ``[B, f]`` as they are,
+        or (partial fine-tuning) flattened maps ``[B, C*H*W]`` through the last blocks."""
+        if not self.cached_split:
+            return x
+        return self.top(x.view(len(x), *self.map_shape), self.cached_split)
+
+    @property
+    def map_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the maps ``trunk`` gives at this tower's image size (``cached_split`` blocks)."""
+        shape = getattr(self, "_map_shape", None)
+        if shape is None or shape[0] != (self.cached_split, self.image_size):
+            with torch.no_grad():
+                was = self.training
+                probe = self.eval().trunk(torch.zeros(1, 3, self.image_size, self.image_size), self.cached_split)
+                self.train(was)
+            shape = ((self.cached_split, self.image_size), tuple(probe.shape[1:]))
+            self._map_shape = shape
+        return shape[1]
+
+
+class CachedTrunk(nn.Module):
+    """The frozen part of a partially fine-tuned tower, as a feature extractor for the
+    feature cache: images -> flattened maps ``[B, C*H*W]`` entering its last blocks."""
+
+    def __init__(self, tower: ImageTower, last_blocks: int) -> None:
+        super().__init__()
+        self.tower, self.last_blocks = tower, last_blocks
+        self.image_size, self.preprocess = tower.image_size, tower.preprocess
+        self.pretrained = getattr(tower, "pretrained", False)
+        tower.cached_split = last_blocks
+        try:
+            c, h, w = tower.map_shape
+        except NotImplementedError:
+            tower.cached_split = 0
+            raise ValueError(f"train.mode 'partial' needs an image tower that can be split into a cached "
+                             f"trunk and trained last blocks ({type(tower).__name__} cannot; "
+                             "efficientnet_lite0 can): use train.mode frozen or finetune") from None
+        self.feature_dim = c * h * w
+
+    def for_inference(self) -> CachedTrunk:
+        return CachedTrunk(self.tower.for_inference(), self.last_blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tower.trunk(x, self.last_blocks).flatten(1)
+
 
 def create_image_tower(
     name: str, pretrained: bool = True, weights: str | None = None, image_size: int | None = None
@@ -301,10 +360,24 @@ class EfficientNetLite0(ImageTower):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` -> pooled features ``[B, 1280]`` (before the classifier)."""
+        return self.top(self.trunk(x, 0), 0)
+
+    def trunk(self, x: torch.Tensor, last_blocks: int) -> torch.Tensor:
+        # ``blocks()`` is [stem, 16 MBConv blocks, head]: the last n of them are left out
+        n_mb = len(self._blocks)
+        if not 0 <= last_blocks <= n_mb + 1:
+            raise ValueError(f"last_blocks must be 0..{n_mb + 1}, got {last_blocks}")
         # Depthwise convolutions run about twice as fast on CPU in channels-last layout.
         x = x.contiguous(memory_format=torch.channels_last)
         h = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
-        for block in self._blocks:
+        for block in self._blocks[: n_mb + 1 - max(last_blocks, 1)]:
+            h = block(h)
+        return h
+
+    def top(self, maps: torch.Tensor, last_blocks: int) -> torch.Tensor:
+        h = maps.contiguous(memory_format=torch.channels_last)
+        n_mb = len(self._blocks)
+        for block in self._blocks[n_mb + 1 - max(last_blocks, 1) :]:
             h = block(h)
         h = F.relu6(self._bn1(self._conv_head(h)), inplace=True)
         return h.mean(dim=(2, 3))

@@ -23,6 +23,7 @@ from crossmodal.data import CrossModalDataset, open_dataset
 from crossmodal.data.splits import Splits
 from crossmodal.features import FeatureRequest, ModalityInputs, extract_all, join_captions, tower_description
 from crossmodal.models.hasher import TwoTowerHasher
+from crossmodal.models.image import CachedTrunk
 from crossmodal.runs.folder import RunError, check_run, load_run_config
 from crossmodal.runs.model import MODALITIES, WEIGHTS
 
@@ -78,6 +79,9 @@ def dataset_features(
         for m, frozen in data.manifest.get("frozen", {}).items()
         if frozen
     ]
+    if data.cfg.train.mode == "partial":  # the maps entering the trained blocks, cached like training's
+        trunk = CachedTrunk(model.image_tower, data.cfg.train.partial_blocks)
+        requests.append(FeatureRequest("image", trunk, tower_description(data.cfg, "image")))
     train = data.cfg.train
     feats = extract_all(dataset, requests, train.cache_dir, train.feature_batch_size, progress=progress)
     return {"image": feats.get("image"), "text": feats.get("text")}
