@@ -32,7 +32,8 @@ class ConfigError(ValueError):
 # ``loss.params`` (DCMH's own defaults are the paper's, eta = 1, which the recipe replaces).
 # Holding OpenMoji's or DCMH's values there would hand them to any other dataset or loss that
 # an override names. The terms a recipe adds on top of its method (loss.contrastive,
-# train.label_texts) are off, so that a bare config is the method as its paper states it.
+# train.label_texts, loss.decorrelation, loss.spread...) are off, so that a bare config is
+# the method as its paper states it.
 # Runtime knobs keep machine-neutral defaults. tests/test_config.py checks
 # all of this against the recipe file.
 
@@ -80,6 +81,10 @@ class LossConfig:
     label_names: float = 0.0
     # weight of a term added to any loss: squared correlation between code bits; 0: off
     decorrelation: float = 0.0
+    # weight of a term added to any loss that pushes apart items whose codes are closer than
+    # spread_bits bits (near-duplicates that would otherwise share one code); 0: off
+    spread: float = 0.0
+    spread_bits: float = 4.0
 
 
 @dataclass
@@ -164,7 +169,7 @@ class Config:
                               f"(got {self.loss.similarity!r})")  # fmt: skip
         if self.train.image_views < 0:
             raise ConfigError(f"train.image_views must be >= 0 (got {self.train.image_views})")
-        for name in ("label_names", "decorrelation"):
+        for name in ("label_names", "decorrelation", "spread", "spread_bits"):
             if getattr(self.loss, name) < 0:
                 raise ConfigError(f"loss.{name} must be >= 0 (got {getattr(self.loss, name)})")
         if self.loss.contrastive < 0 or self.loss.temperature <= 0:

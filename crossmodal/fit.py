@@ -102,11 +102,14 @@ class FitOptions:
     temperature: float = 0.1
     label_names: float = 0.0  # weight of the images <-> label-name texts likelihood term (0: off)
     decorrelation: float = 0.0  # weight of the bit decorrelation term (0: off)
+    spread: float = 0.0  # weight of the term that keeps items' codes apart (0: off)
+    spread_bits: float = 4.0  # the Hamming distance under which two items' codes are pushed apart
 
     @classmethod
     def from_config(cls, train: Any, loss: Any = None) -> FitOptions:
         """The options of a ``TrainConfig`` and ``LossConfig`` (``device: auto`` resolved)."""
-        from_loss = ("similarity", "contrastive", "temperature", "label_names", "decorrelation")
+        from_loss = ("similarity", "contrastive", "temperature", "label_names", "decorrelation", "spread",
+                     "spread_bits")
         names = [f for f in cls.__dataclass_fields__ if f != "device" and f not in from_loss]
         extra = {f: getattr(loss, f) for f in from_loss} if loss is not None else {}
         return cls(**{f: getattr(train, f) for f in names}, **extra, device=str(resolve_device(train.device)))
@@ -308,6 +311,8 @@ class _Step:
                 terms["contrastive"] = self.opts.contrastive * nce
             if self.names is not None:
                 terms["label_names"] = self.opts.label_names * self.names.term(self.model, m, codes, buffers, pos)
+            if self.opts.spread:
+                terms["spread"] = self.opts.spread * spread(codes, buffers[m], pos, self.opts.spread_bits)
             if self.opts.decorrelation:
                 terms["decorrelation"] = self.opts.decorrelation * decorrelation(buffers[m], codes, pos)
             total = sum(terms.values())
@@ -386,6 +391,23 @@ class _NamePairs:
             images = buffers["image"][pos]
         y = self.y[pos]
         return pairwise_nll(images, names, y, self.pos_weight) / y.numel()
+
+
+def spread(codes: torch.Tensor, buffer: torch.Tensor, pos: torch.Tensor, bits: float) -> torch.Tensor:
+    """Mean squared hinge on near-duplicate codes: every pair of a batch item ``codes [b, c]``
+    and another training item (``buffer [n, c]`` of the same modality, ``pos`` its batch
+    rows) whose sign codes are fewer than ``bits`` bits apart is pushed apart, by
+    ``(1 - 2 h / c) - (1 - 2 bits / c)`` for Hamming distance h. Items that the label terms pull together stay
+    near, but not on one code, so that their own image or text can find them."""
+    c = codes.shape[1]
+    # the codes' signs forward, the identity backward (straight-through, Bengio et al. 2013):
+    # cos is then exactly 1 - 2 h / c for Hamming distance h, and a pair's gradient moves every
+    # bit of the batch item away from the other code, the weakest bits flipping first
+    a = (codes + (torch.where(codes >= 0, 1.0, -1.0) - codes).detach()) / c**0.5
+    b = torch.where(buffer >= 0, 1.0, -1.0) / c**0.5
+    cos = a @ b.T  # [b, n]
+    cos = cos.scatter(1, pos[:, None], -1.0)  # not the item itself
+    return torch.relu(cos - (1.0 - 2.0 * bits / c)).pow(2).sum() / (len(codes) * max(1, len(buffer) - 1))
 
 
 def decorrelation(buffer: torch.Tensor, codes: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

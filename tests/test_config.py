@@ -76,7 +76,7 @@ DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "openmoji.yam
 NAMED_PART_OPTIONS = {"data.options", "loss.params"}
 # Terms a recipe adds on top of its method; off in Config(), so that a bare config (and a
 # method compared by `crossmodal compare`) is the method as its paper states it.
-RECIPE_ADD_ONS = {"loss.contrastive", "train.label_texts"}
+RECIPE_ADD_ONS = {"loss.contrastive", "train.label_texts", "loss.decorrelation", "loss.spread"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

@@ -221,6 +221,41 @@ def test_the_decorrelation_term_uses_more_bits():
 
 
 def test_new_term_weights_are_checked():
-    for key in ("loss.label_names", "loss.decorrelation", "train.image_views"):
+    for key in ("loss.label_names", "loss.decorrelation", "loss.spread", "train.image_views"):
         with pytest.raises(ConfigError, match=f"{key} must be >= 0"):
             load_config(None, [f"{key}=-1"])
+
+
+def test_spread_by_hand():
+    """Only pairs closer than ``bits`` bits (after a soft sign) are pushed apart."""
+    from crossmodal.fit import spread
+
+    far = torch.tensor([[5.0, 5, 5, 5, 5, 5, 5, 5], [5.0, 5, 5, 5, -5, -5, -5, -5]])  # 4 bits apart
+    assert float(spread(far[:1], far, torch.tensor([0]), bits=2)) == 0.0
+    twins = torch.tensor([[5.0, 5, 5, 5, 5, 5, 5, 5], [4.0, 5, 5, 5, 5, 5, 5, 5]])  # same signs: h = 0
+    got = float(spread(twins[:1], twins, torch.tensor([0]), bits=2))
+    assert got == pytest.approx((1.0 - (1.0 - 2 * 2 / 8)) ** 2)  # cos 1 against 0.5
+
+
+def test_the_spread_term_gives_near_duplicates_their_own_codes():
+    """Twenty near-identical items of one class share one code under the label loss alone;
+    the spread term gives them distinct codes while the two classes stay apart."""
+    rng = np.random.default_rng(3)
+    n, dim = 40, 24
+    cls = np.arange(n) % 2
+    x = torch.tensor(rng.normal(size=(2, dim))[cls] * 2 + 0.3 * rng.normal(size=(n, dim)), dtype=torch.float32)
+    labels = np.eye(2, dtype=np.uint8)[cls]
+    result = {}
+    for weight in (0.0, 10.0):
+        torch.manual_seed(0)
+        model = TwoTowerHasher(Features(dim), Features(dim), 16)
+        data = TrainData({"image": TensorInputs(x), "text": TensorInputs(x)}, np.arange(n), labels)
+        fit(model, create_loss("dcmh", eta=0.01, pos_weight="balanced"), data,
+            FitOptions(epochs=60, batch_size=10, lr=1e-2, spread=weight, spread_bits=2))  # fmt: skip
+        with torch.no_grad():
+            b = model.encode_image(x, binarize=True, from_features=True)
+        d = (8 - b @ b.T / 2).numpy()
+        same, other = d[cls[:, None] == cls[None, :]], d[cls[:, None] != cls[None, :]]
+        result[weight] = (len({tuple(r.tolist()) for r in b}), same.max() < other.min())
+    assert result[0.0][0] <= 4 and result[10.0][0] > 20, result  # 16-bit codes
+    assert result[10.0][1]  # still every same-class pair nearer than every other pair
