@@ -112,7 +112,9 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     _config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run's last checkpoint (an interrupted training; a finished "
+                        "one keeps its checkpoint only with --set train.keep_checkpoint=true)")  # fmt: skip
     p.add_argument("--if-missing", action="store_true", help="do nothing when the run is already trained")
 
 

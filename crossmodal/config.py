@@ -9,6 +9,7 @@ a default below changes none of them.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import os
 import types
 import typing
@@ -108,6 +109,9 @@ class TrainConfig:
     feature_batch_size: int = 64
     cache_dir: str = ".cache/crossmodal/features"
     checkpoint_every: int = 5  # epochs; the last epoch is always checkpointed
+    # keep <run>/checkpoint/ once training has finished (to --resume it for more epochs later);
+    # by default it is removed with the run complete
+    keep_checkpoint: bool = False
     text_variants: bool = True  # frozen text: each step sees the joined captions or one caption at random
     # frozen text: the names of an item's labels ("word:cat" -> "cat") are training texts too
     label_texts: bool = False
@@ -182,7 +186,8 @@ class Config:
 
 
 # Settings that change how a run is computed, not what it learns.
-RUNTIME_SETTINGS = ("device", "num_threads", "feature_batch_size", "cache_dir", "checkpoint_every")
+RUNTIME_SETTINGS = ("device", "num_threads", "feature_batch_size", "cache_dir", "checkpoint_every",
+                    "keep_checkpoint")
 
 
 def training_settings(cfg: Config) -> dict[str, dict[str, Any]]:
@@ -277,13 +282,39 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def recipe_names() -> list[str]:
+    """The recipes shipped with the package (``configs/*.yaml``), by name."""
+    folder = importlib.resources.files("crossmodal") / "configs"
+    try:
+        return sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".yaml"))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def find_recipe(path: str | os.PathLike[str]) -> Path:
+    """A recipe file: ``path`` itself when it exists, else the shipped recipe of that name
+    (``imagefolder``, ``imagefolder.yaml`` or ``configs/imagefolder.yaml`` from any folder).
+
+    Raises:
+        ConfigError: neither exists; the message lists the shipped recipes.
+    """
+    p = Path(path)
+    if p.exists():
+        return p
+    name = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    if name in recipe_names():
+        return Path(str(importlib.resources.files("crossmodal") / "configs" / f"{name}.yaml"))
+    known = ", ".join(recipe_names()) or "none installed"
+    raise ConfigError(f"config file not found: {p} (shipped recipes, loadable by name: {known})")
+
+
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML recipe (or the defaults when ``path`` is None), apply overrides, validate."""
+    """Load a YAML recipe (or the defaults when ``path`` is None), apply overrides, validate.
+
+    ``path`` is a file, or the name of a shipped recipe (``find_recipe``)."""
     raw: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p}")
+        p = find_recipe(path)
         try:
             raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as exc:

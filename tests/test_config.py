@@ -17,7 +17,8 @@ from crossmodal.config import (
 from crossmodal.data import DATASETS, list_datasets
 from crossmodal.data.mat import load_mat_dataset
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(ROOT.glob("configs/*.yaml"))
 
 
 def test_defaults_and_overrides():
@@ -125,3 +126,24 @@ BUILDERS = {**{name: DATASETS.get(name) for name in list_datasets()}, "load_mat_
 @pytest.mark.parametrize("builder", BUILDERS.values(), ids=BUILDERS.keys())
 def test_builders_take_no_split_sizes(builder):
     assert not set(inspect.signature(builder).parameters) & set(SPLIT_SIZE_KEYS)
+
+
+def test_recipes_load_by_name_from_any_folder(tmp_path, monkeypatch):
+    """The recipes ship with the package: from a user's own folder, --config imagefolder
+    (or configs/imagefolder.yaml, as the docs write it) finds the shipped recipe."""
+    from crossmodal.config import recipe_names
+
+    here = load_config(ROOT / "configs" / "imagefolder.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert {"openmoji", "imagefolder", "coco"} <= set(recipe_names())
+    for name in ("imagefolder", "imagefolder.yaml", "configs/imagefolder.yaml"):
+        assert load_config(name).to_dict() == here.to_dict()
+    with pytest.raises(ConfigError, match="shipped recipes, loadable by name: .*imagefolder"):
+        load_config("nonesuch")
+    own = tmp_path / "imagefolder.yaml"  # a file of the user's own wins over the shipped one
+    own.write_text("name: mine\n")
+    assert load_config("imagefolder.yaml").name == "mine"
+
+
+def test_the_packaged_recipes_are_the_configs_folder():
+    assert (ROOT / "crossmodal" / "configs").resolve() == (ROOT / "configs").resolve()

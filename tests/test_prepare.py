@@ -162,6 +162,22 @@ def test_an_interrupted_training_resumes_from_its_checkpoint(workdir, monkeypatc
     assert seen == [3, 4, 5]  # only the epochs after the checkpoint
     log = json.loads((run / "train_log.json").read_text())
     assert [h["epoch"] for h in log["history"]] == [1, 2, 3, 4, 5, 6]
+    assert not (run / "checkpoint").exists()  # removed once the run is complete
+
+
+def test_a_finished_training_keeps_its_checkpoint_only_when_asked(workdir):
+    """The checkpoint is a third of a run's size and of no use once training has finished,
+    unless it is to be resumed for more epochs."""
+    from crossmodal.config import load_config
+    from crossmodal.jobs.train import checkpoint_state, train_run
+
+    kept = train_run(load_config(None, [*overrides(workdir, "keep"), "train.epochs=2",
+                                        "train.keep_checkpoint=true"]), progress=False)  # fmt: skip
+    assert checkpoint_state(kept)["epoch"] == 2
+    longer = load_config(None, [*overrides(workdir, "keep"), "train.epochs=3", "train.keep_checkpoint=true"])
+    train_run(longer, resume=True, progress=False)  # a kept checkpoint resumes for more epochs
+    log = json.loads((kept / "train_log.json").read_text())
+    assert [h["epoch"] for h in log["history"]] == [1, 2, 3]
 
 
 def test_a_checkpoint_of_another_recipe_is_not_resumed(workdir, monkeypatch):
@@ -181,10 +197,10 @@ def test_a_checkpoint_of_another_recipe_is_not_resumed(workdir, monkeypatch):
     assert not (run / "checkpoint").exists()  # B removed A's checkpoint when it started afresh
     seen = interrupt_at_epoch(monkeypatch, -1)
     said: list[str] = []
-    prepare_run(None, [*recipe, "train.lr=0.02"], progress=False, say=said.append)
+    prepare_run(None, [*recipe, "train.lr=0.02", "train.keep_checkpoint=true"], progress=False, say=said.append)
     assert "resumed" not in next(s for s in said if s.startswith("[2/4]")) and seen == list(range(6))
 
-    # the command line's --resume refuses another recipe's checkpoint, naming the difference
+    # the command line's --resume refuses another recipe's (kept) checkpoint, naming the difference
     cfg = load_config(None, [*recipe, "train.lr=0.05"])
     with pytest.raises(RunError, match="another recipe.*train.lr"):
         train_run(cfg, resume=True, progress=False)

@@ -181,3 +181,17 @@ def test_image_relevance_baseline(tmp_path):
     assert stats["relevant_fraction"] == pytest.approx(1 / 4)
     assert stats["random_map"] == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4)
     assert "same image only" in describe(ds, s)
+
+
+def test_shrinking_is_warned_only_for_a_published_protocol(caplog):
+    """A user's folder of 7,947 images gets 1,000 queries and the rest for training: that is
+    the imagefolder rule, not a deviation from a benchmark's protocol, so nothing is warned."""
+    import logging
+
+    from crossmodal.data.splits import fit_protocol
+
+    with caplog.at_level(logging.INFO, logger="crossmodal.data.splits"):
+        assert fit_protocol(7947, 1000, 10000, "imagefolder", published=False) == {"n_query": 1000, "n_train": 6947}
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert fit_protocol(7947, 2000, 10000, "mirflickr25k") == {"n_query": 1589, "n_train": 6358}
+        assert [r for r in caplog.records if r.levelno == logging.WARNING]

@@ -242,6 +242,7 @@ class PathBuild:
     limit: int | None = None
     cache_dir: str | None = None
     drop_unlabeled: bool = False
+    published: bool = True  # the default sizes are a benchmark's (False: the imagefolder rule)
 
 
 def build_path_dataset(entries: dict[str, Entry], build: PathBuild, problems: Problems) -> CrossModalDataset:
@@ -290,7 +291,8 @@ def _finish(rows: list, build: PathBuild, problems: Problems) -> CrossModalDatas
     stats["n_failed_images"] = len(problems.failed_ids)
     stats["failed_images"] = problems.failed_ids
     ds.info.stats = stats
-    ds.info.protocol = fit_protocol(len(ds), build.default_query, build.default_train, build.name)
+    ds.info.protocol = fit_protocol(len(ds), build.default_query, build.default_train, build.name,
+                                    published=build.published)
     return ds
 
 
@@ -460,6 +462,7 @@ def load_imagefolder(
         _check_mode(check_images),
         limit,
         cache_dir,
+        published=False,
     )
     return build_path_dataset(entries, build, problems)
 
@@ -904,4 +907,4 @@ def _hub_stats(ds: CrossModalDataset, table: Any, id_column: str | None, problem
         all_ids = [str(v) for v in table[id_column]] if id_column else [str(i) for i in range(n_rows)]
         stats["failed_images"] = [i for i in all_ids if i not in present]
     ds.info.stats = stats
-    ds.info.protocol = fit_protocol(len(ds), 1000, 10000, ds.name)
+    ds.info.protocol = fit_protocol(len(ds), 1000, 10000, ds.name, published=False)

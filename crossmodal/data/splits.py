@@ -37,19 +37,23 @@ def fit_protocol(
     n_query: int = FALLBACK_QUERY,
     n_train: int = FALLBACK_TRAIN,
     name: str = "dataset",
+    published: bool = True,
 ) -> dict[str, int]:
     """A dataset's default protocol: ``n_query`` / ``n_train``, shrunk to fit ``n_items``.
 
     A small dataset gets at most a fifth of its items as queries and the rest at most for
     training. These are defaults for ``make_splits``; a run sets its own sizes with
-    ``data.n_query`` / ``data.n_train``, which are never shrunk.
+    ``data.n_query`` / ``data.n_train``, which are never shrunk. Shrinking a ``published``
+    protocol (a benchmark's sizes, from its papers) is warned about; for a user's own
+    collection (``published=False``: an image folder, a hub dataset) the shrunk sizes are
+    the documented rule itself and are only logged.
     """
     q, t = int(n_query), int(n_train)
     if q + t > n_items:
         q = min(q, max(1, n_items // 5))
         t = max(0, min(t, n_items - q))
         if n_items:
-            logger.warning(
+            logger.log(logging.WARNING if published else logging.INFO,
                 "%s has %d items, fewer than the default protocol (%d queries, %d train) needs; "
                 "using %d queries and %d train",
                 name,

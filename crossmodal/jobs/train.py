@@ -140,6 +140,8 @@ def _train_run(cfg: Config, resume: bool, progress: bool) -> Path:
             dataset={"name": dataset.name, "fingerprint": dataset.fingerprint(), "items": len(dataset)},
             dataset_info={k: v for k, v in dataset.info.__dict__.items() if k not in ("stats",)},
         )  # fmt: skip
+    if not cfg.train.keep_checkpoint:  # the run is whole without it (a third of a run's size)
+        shutil.rmtree(checkpoints.dir, ignore_errors=True)
     log.info("trained %s in %.1f s; best validation mAP %.4f", run_dir, seconds, state.best_score)
     return run_dir
 
