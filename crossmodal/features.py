@@ -347,6 +347,31 @@ def extract_all(
     return out
 
 
+def duration(seconds: float) -> str:
+    """``20`` -> ``"20 s"``; ``75`` -> ``"75 s"``; ``150`` -> ``"2.5 min"``; ``5400`` -> ``"1.5 h"``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+class _EstimatedBar(tqdm):
+    """A progress bar that also prints, once, a line with the time left: the bar of
+    feature extraction is transient, and a long extraction should say early what it costs."""
+
+    after_s = 10.0  # the estimate is printed once this much time has passed
+
+    def update(self, n: float | None = 1) -> bool | None:
+        out = super().update(n)
+        if not self.disable and not getattr(self, "_said", False) and self.n < self.total:
+            elapsed = self.format_dict["elapsed"]
+            if elapsed >= self.after_s and self.n:
+                self._said = True
+                left = elapsed * (self.total - self.n) / self.n
+                self.write(f"{self.desc}: about {duration(left)} left for {self.total - self.n:,} of "
+                           f"{self.total:,} inputs ({self.n / elapsed:.0f} per second)")  # fmt: skip
+        return out
+
+
 def _run_jobs(jobs: list[_Job], device: torch.device, progress: bool = True) -> None:
     """Run every batch of ``jobs`` with a progress bar: two CPU workers when there are cores."""
     if not jobs:
@@ -354,7 +379,7 @@ def _run_jobs(jobs: list[_Job], device: torch.device, progress: bool = True) -> 
     work = [(job, idx) for job in jobs for idx in job.batches()]
     desc = " + ".join("image views" if j.key == "views" else j.key for j in jobs) + " features"
     total = sum(len(j.order) for j in jobs)
-    bar = tqdm(total=total, desc=desc, unit="input", leave=False, disable=not progress)
+    bar = _EstimatedBar(total=total, desc=desc, unit="input", leave=False, disable=not progress)
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads < 2 or len(work) < 2:
         for job, idx in work:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from crossmodal.codes import sign
 from crossmodal.evaluate import evaluate_directions, relevance_args
+from crossmodal.features import duration
 from crossmodal.losses import HashLoss, LossBatch, Similarity, pairwise_nll
 from crossmodal.models.hasher import TwoTowerHasher
 
@@ -252,11 +253,12 @@ def fit(
     if resume is not None:
         state, buffers, B = _restore(model, loss, opt, resume, device)
         log.info("resumed from epoch %d", state.epoch)
+    first = state.epoch  # an estimate of the time left is printed after it
     bar = tqdm(range(state.epoch, opts.epochs), desc="train", unit="epoch", disable=not progress)
+    names = _NamePairs(data, sim, opts.label_names) if opts.label_names and data.names is not None else None
     for epoch in bar:
         started = time.perf_counter()
         terms: dict[str, float] = {}
-        names = _NamePairs(data, sim, opts.label_names) if opts.label_names and data.names is not None else None
         for m in MODALITIES:
             other = "text" if m == "image" else "image"
             step = _Step(model, loss, data.inputs[m], train, sim, opt, opts, device, names)
@@ -274,6 +276,11 @@ def fit(
         val = record.get("val_map", float("nan"))
         bar.set_postfix(loss=f"{sum(terms.values()):.4f}", val_map=f"{val:.3f}")
         log.info("epoch %s", json.dumps(record))
+        if progress and epoch == first and epoch + 1 < opts.epochs:
+            took = time.perf_counter() - started  # validation included
+            left = took * (opts.epochs - epoch - 1)
+            bar.write(f"train: {took:.1f} s an epoch; about {duration(left)} left for "
+                      f"{opts.epochs - epoch - 1} more (early stopping may end sooner)")  # fmt: skip
         stop = epoch - state.best_epoch >= opts.patience and state.best_epoch >= 0
         if on_epoch is not None:
             on_epoch(Progress(state, opt, buffers, B, last=stop or epoch + 1 == opts.epochs))

@@ -136,3 +136,18 @@ def test_a_failing_worker_raises_and_writes_no_cache(workdir, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert not list(tmp_path.glob("*.npy"))
+
+
+def test_a_long_extraction_says_early_how_long_it_will_take(capsys, monkeypatch):
+    from crossmodal import features
+
+    monkeypatch.setattr(features._EstimatedBar, "after_s", 0.0)
+    bar = features._EstimatedBar(total=400, desc="image features", unit="input", leave=False)
+    bar.update(100)
+    bar.update(100)
+    bar.close()
+    err = capsys.readouterr()
+    text = err.out + err.err
+    assert text.count("image features: about") == 1  # once
+    assert "left for 300 of 400 inputs" in text
+    assert [features.duration(s) for s in (20, 75, 150, 5400)] == ["20 s", "75 s", "2.5 min", "1.5 h"]

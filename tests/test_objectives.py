@@ -259,3 +259,14 @@ def test_the_spread_term_gives_near_duplicates_their_own_codes():
         result[weight] = (len({tuple(r.tolist()) for r in b}), same.max() < other.min())
     assert result[0.0][0] <= 4 and result[10.0][0] > 20, result  # 16-bit codes
     assert result[10.0][1]  # still every same-class pair nearer than every other pair
+
+
+def test_training_prints_an_estimate_after_its_first_epoch(capsys):
+    x = torch.randn(16, 8)
+    labels = np.eye(2, dtype=np.uint8)[np.arange(16) % 2]
+    model = TwoTowerHasher(Features(8), Features(8), 8)
+    data = TrainData({"image": TensorInputs(x), "text": TensorInputs(x)}, np.arange(16), labels)
+    fit(model, create_loss("dcmh"), data, FitOptions(epochs=3, batch_size=8), progress=True)
+    out = capsys.readouterr()
+    lines = [ln for ln in (out.out + out.err).splitlines() if "s an epoch; about" in ln]
+    assert len(lines) == 1 and "left for 2 more" in lines[0]
