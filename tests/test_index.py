@@ -309,3 +309,20 @@ def test_reconstruct_follows_adds_removals_compaction_and_mmap(tmp_path, kind, d
     index.save(tmp_path / "x.index")
     loaded = BinaryIndex.load(tmp_path / "x.index", mmap=True)
     np.testing.assert_array_equal(loaded.reconstruct(ids[keep][::7]), db[keep][::7])
+
+
+def test_the_served_index_holds_every_item_query_split_included(tiny_run):
+    """Evaluation keeps its query/database split; the index a user searches holds the whole
+    collection, so no image is unfindable for being a query of the protocol."""
+    import json
+
+    from crossmodal.data import open_dataset
+    from crossmodal.runs.encode import open_run_data
+    from crossmodal.store import MetadataStore
+
+    data = open_run_data(tiny_run)
+    n = len(open_dataset("tiny_colours"))
+    assert len(data.splits["query"]) > 0
+    assert json.loads((tiny_run / "manifest.json").read_text())["index"]["items"] == n
+    with MetadataStore.open(tiny_run / "store.sqlite") as store:
+        assert sorted(store.item_ids()) == list(range(n))

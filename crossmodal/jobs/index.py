@@ -1,4 +1,4 @@
-"""The index job: encode a run's database items and write its indexes and metadata store.
+"""The index job: encode every item of a run's dataset and write its indexes and metadata store.
 
 Text entries: for labelled datasets each item has one text (its captions joined), whose
 text id is the item id; for captions-only datasets ("same image" relevance) every caption
@@ -133,8 +133,8 @@ def index_run(
     progress: bool = True,
     command: str | None = None,
 ) -> dict[str, Any]:
-    """Encode the database split of a trained run, and the items added to it, into new indexes,
-    store and manifest.
+    """Encode every item of a trained run's dataset (the query split too: evaluation keeps its
+    split apart), and the items added to it, into new indexes, store and manifest.
 
     Items added with ``add_to_run`` are kept with their ids, re-encoded with the run's model
     from what the store holds; items removed with ``remove_from_run`` stay removed.
@@ -163,11 +163,14 @@ def _index(run_dir: Path, kind: str | None, params: dict[str, Any] | None, progr
     params = {**cfg.index.params, **(params or {})} if kind == cfg.index.kind else dict(params or {})
     model = load_model(run_dir)
     previous = data.manifest.get("index") or {}
-    db = without_keys(dataset, data.splits["database"], previous.get("removed_keys") or [])
+    # every item of the dataset is served, the query split too: evaluation keeps its own
+    # query/database split and encodes it itself, so a user's whole collection is searchable
+    served = np.arange(len(dataset), dtype=np.int64)
+    db = without_keys(dataset, served, previous.get("removed_keys") or [])
     units = text_units(dataset, db)
     per_caption = dataset.info.relevance == RELEVANCE_IMAGE
     text_ids = np.array([u["text_id"] for u in units], dtype=np.int64)
-    added = stored_additions(run_dir, data.manifest, data.splits["database"], text_ids)
+    added = stored_additions(run_dir, data.manifest, served, text_ids)
     feats = frozen_features(data, model)
     image_index = build_index(
         kind, model.bits, params, model, dataset, db, "image", feats["image"], None, db, progress
@@ -221,7 +224,7 @@ class Additions:
 def stored_additions(
     run_dir: Path, manifest: dict[str, Any], database: np.ndarray, taken_text_ids: np.ndarray
 ) -> Additions:
-    """The added items of the run's current store (those whose id is not a database-split position).
+    """The added items of the run's current store (those whose id is not a dataset position).
 
     Per-caption text ids that meet ``taken_text_ids`` (the re-indexed database's) are numbered
     anew after them. A store that is missing or damaged keeps nothing: a warning names the
