@@ -114,5 +114,7 @@ def test_the_validation_search_keeps_the_best_trial_and_reports_seeds(workdir, t
     assert row["map_i2t"]["std"] == pytest.approx(abs(maps[0] - maps[1]) / 2**0.5)
     text = report.read_text()
     assert "| DPSH | eta=" in text and "±" in text
+    chosen = [c for k, c in done.items() if "|trial" in k and "|seed" not in k][vals.index(max(vals))]
+    assert [c["run"] for c in seeds if c["seed"] == 0] == [chosen["run"]]  # the trial is the first seed's run
     grid.run_search(str(recipe), ["dpsh"], 16, out, ["train.epochs=2"], seeds=(0, 1))  # resumes: nothing new
     assert json.loads((out / "search.json").read_text()) == done

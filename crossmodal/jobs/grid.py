@@ -236,8 +236,9 @@ def run_search(recipe: str, methods: list[str], bits: int, out_dir: str | os.Pat
         tried = [cell(f"{method}|trial{i}", t, seeds[0], False, f"{method}-{bits}-t{i}")
                  for i, t in enumerate(trials)]  # fmt: skip
         best = max(range(len(tried)), key=lambda i: tried[i]["best_val_map"])
-        runs = [cell(f"{method}|trial{best}|seed{s}", trials[best], s, True, f"{method}-{bits}-t{best}-s{s}")
-                for s in seeds]  # fmt: skip
+        # the chosen trial already is the first seed's run: it is evaluated, not trained again
+        runs = [cell(f"{method}|trial{best}|seed{s}", trials[best], s, True,
+                     f"{method}-{bits}-t{best}" + (f"-s{s}" if s != seeds[0] else "")) for s in seeds]  # fmt: skip
         rows.append(_search_row(method, trials, tried, best, runs))
     write_json_atomic(out / "search_results.json", rows)
     return _search_report(rows, out, f"{Path(recipe).stem}: every method with its own validation search, "
