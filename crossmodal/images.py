@@ -49,12 +49,7 @@ def open_image(
             img = ImageOps.exif_transpose(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"image is truncated or corrupt: {name}: {exc}") from None
-    try:
-        img = _to_rgb(img)
-    except ImageDecodeError as exc:
-        raise ImageDecodeError(f"{exc}: {name}") from None
-    except (OSError, ValueError) as exc:
-        raise ImageDecodeError(f"images of mode {img.mode} cannot be shown as RGB: {name}: {exc}") from None
+    img = _converted(img, name)
     if max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     return img
@@ -65,21 +60,26 @@ def check_decodes(source: str | os.PathLike[str] | bytes, max_pixels: int = MAX_
 
     Unlike ``Image.verify``, which reads the chunk structure only, this finds an image cut
     short inside its pixel data (a JPEG truncated to 60 % of its bytes verifies). JPEGs are
-    decoded at 1/8 scale, which still reads their whole entropy-coded data.
+    decoded at 1/8 scale, which still reads their whole entropy-coded data. Images of a mode
+    other than RGB and L are also converted as ``open_image`` converts them, so that what
+    it would refuse (a float image with negative values, a 32-bit image beyond 16-bit
+    values, a mode with no RGB form) is refused here too.
 
     Raises:
-        ImageDecodeError: as ``open_image``, for a file that ``open_image`` would refuse
-            while decoding.
+        ImageDecodeError: as ``open_image``, for a file that ``open_image`` would refuse.
     """
     img, name = _open(source, max_pixels)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if img.format == "JPEG":
-                img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
-            img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"image is truncated or corrupt: {name}: {exc}") from None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                if img.format == "JPEG":
+                    img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+                img.load()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
+            raise ImageDecodeError(f"image is truncated or corrupt: {name}: {exc}") from None
+        if img.mode not in ("RGB", "L"):
+            _converted(img, name)
     finally:
         img.close()
 
@@ -118,6 +118,16 @@ def _open(source: str | os.PathLike[str] | bytes | Image.Image, max_pixels: int)
     if w * h > max_pixels:
         raise ImageDecodeError(f"image too large: {w}x{h} = {w * h:,} pixels, limit {max_pixels:,}: {name}")
     return img, name
+
+
+def _converted(img: Image.Image, name: str) -> Image.Image:
+    """``_to_rgb(img)``, its refusals as ``ImageDecodeError`` naming ``name``."""
+    try:
+        return _to_rgb(img)
+    except ImageDecodeError as exc:
+        raise ImageDecodeError(f"{exc}: {name}") from None
+    except (OSError, ValueError) as exc:
+        raise ImageDecodeError(f"images of mode {img.mode} cannot be shown as RGB: {name}: {exc}") from None
 
 
 def _looks_like_svg(data: bytes) -> bool:

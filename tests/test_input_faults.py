@@ -123,6 +123,66 @@ def test_bom_label_names_file_of_a_mat_dataset(tmp_path):
     assert ds.info.label_names == ["sky", "sea"]
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le-bom", "utf-16-be-bom", "utf-32"])
+@pytest.mark.parametrize("kind", ["metadata.csv", "metadata.jsonl"])
+def test_utf16_and_utf32_metadata_with_a_bom(tmp_path, encoding, kind):
+    # reported against hashing repos' loaders: spreadsheet "Unicode text" and Windows PowerShell save
+    # UTF-16 with a byte-order mark; read as UTF-8 every row was "no 'file_name' value"
+    png(tmp_path, "a.png")
+    text = ("file_name,text\na.png,a red tile\n" if kind.endswith(".csv")
+            else json.dumps({"file_name": "a.png", "text": "a red tile"}) + "\n")  # fmt: skip
+    codec = {"utf-16-le-bom": "utf-16-le", "utf-16-be-bom": "utf-16-be"}.get(encoding, encoding)
+    mark = "\ufeff" if codec != encoding else ""  # utf-16 and utf-32 write their own mark
+    (tmp_path / kind).write_bytes((mark + text).encode(codec))
+    ds = create_dataset("imagefolder", root=tmp_path, cache_dir=str(tmp_path / "c"))
+    assert ds.ids == ["a.png"] and ds.captions(0) == ["a red tile"]
+    assert "bad_lines" not in ds.info.stats
+
+
+def test_utf16_coco_json_and_flickr_results_csv(tmp_path):
+    # reported against COCO and Flickr30k loaders: annotation files re-saved as UTF-16 by Windows tools
+    png(tmp_path / "coco" / "val2017", "1.jpg")
+    captions = {"images": [{"id": 1, "file_name": "1.jpg"}],
+                "annotations": [{"id": 5, "image_id": 1, "caption": "a red tile"}]}  # fmt: skip
+    (tmp_path / "coco" / "annotations").mkdir()
+    (tmp_path / "coco" / "annotations" / "captions_val2017.json").write_text(json.dumps(captions), "utf-16")
+    coco = create_dataset("coco", root=tmp_path / "coco", labels=False, cache_dir=str(tmp_path / "c"))
+    assert coco.ids == ["1"] and coco.captions(0) == ["a red tile"]
+    png(tmp_path / "f" / "flickr30k_images", "1.jpg")
+    (tmp_path / "f" / "results.csv").write_text("image_name| comment_number| comment\n1.jpg| 0| a red tile\n",
+                                                "utf-16")  # fmt: skip
+    flickr = create_dataset("flickr30k", root=tmp_path / "f", cache_dir=str(tmp_path / "c"))
+    assert flickr.ids == ["1.jpg"] and flickr.captions(0) == ["a red tile"]
+    assert "bad_lines" not in flickr.info.stats
+
+
+def test_utf16_without_a_bom_is_refused_by_name(tmp_path):
+    # reported against caption loaders: UTF-16 without a mark, read as UTF-8, gives NUL-separated letters
+    png(tmp_path, "a.png")
+    (tmp_path / "metadata.csv").write_bytes("file_name,text\na.png,a red tile\n".encode("utf-16-le"))
+    with pytest.raises(ValueError, match=r"metadata.csv: not a UTF-8 text file .*save it as UTF-8"):
+        create_dataset("imagefolder", root=tmp_path, cache_dir=str(tmp_path / "c"))
+
+
+def test_metadata_edited_in_place_is_read_again(tmp_path, monkeypatch):
+    # reported against dataset caches keyed by the folder's time: a line appended to metadata.jsonl (the
+    # folder's own time unchanged) was not seen until the cache was deleted by hand
+    from crossmodal.data import open_dataset
+
+    monkeypatch.setenv("CROSSMODAL_DATA_DIR", str(tmp_path / "built"))
+    folder = tmp_path / "f"
+    png(folder, "a.png")
+    png(folder, "b.png", BLUE)
+    meta = folder / "metadata.jsonl"
+    meta.write_text(json.dumps({"file_name": "a.png", "text": "red"}) + "\n")
+    assert open_dataset("imagefolder", {"root": str(folder)}).ids == ["a.png"]
+    stamp = os.stat(folder).st_mtime_ns
+    with open(meta, "a") as fh:
+        fh.write(json.dumps({"file_name": "b.png", "text": "blue"}) + "\n")
+    os.utime(folder, ns=(stamp, stamp))
+    assert open_dataset("imagefolder", {"root": str(folder)}).ids == ["a.png", "b.png"]
+
+
 def test_every_row_rejected_is_a_clear_error_before_datasets(tmp_path):
     # reported against hashing repos' loaders: "Instruction "train" corresponds to no data!", no reason
     png(tmp_path, "a.png")
@@ -337,6 +397,25 @@ def deep(mode: str, value) -> Image.Image:
 def test_deep_and_float_greyscale_is_scaled(make, grey):
     a = np.asarray(open_image(make()))
     assert a.shape[2] == 3 and (a == grey).all(), a[0, 0]
+
+
+@pytest.mark.parametrize(
+    ("name", "img", "message"),
+    [
+        ("neg.tif", deep("F", -5.0), "F image with values -5..-5"),
+        ("big.tif", deep("I", 70000), "I image with values 70000..70000"),
+    ],
+)
+def test_default_check_leaves_out_deep_images_the_run_would_refuse(tmp_path, name, img, message):
+    # reported against scientific image sets: a float TIFF with negative values passed the dataset
+    # check, then stopped `index --add` at encoding time with advice to rebuild with the same check
+    png(tmp_path, "ok.png")
+    img.save(tmp_path / name)
+    meta = [{"file_name": "ok.png", "text": "a red tile"}, {"file_name": name, "text": "deep"}]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
+    ds = create_dataset("imagefolder", root=tmp_path, cache_dir=str(tmp_path / "c"))
+    assert ds.ids == ["ok.png"] and ds.info.stats["failed_images"] == [name]
+    assert message in ds.info.stats["undecodable_images"][0]
 
 
 @pytest.mark.parametrize(

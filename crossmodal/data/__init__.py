@@ -24,6 +24,7 @@ from crossmodal.data.records import (
     build_guard,
     make_record,
 )
+from crossmodal.io import write_json_atomic
 from crossmodal.registry import Registry
 
 DATASETS: Registry[CrossModalDataset] = Registry("dataset")
@@ -68,9 +69,12 @@ def data_dir() -> Path:
 def open_dataset(name: str, options: dict[str, Any] | None = None) -> CrossModalDataset:
     """Create dataset ``name``; builds of file-backed datasets are cached under ``data_dir()``.
 
-    The cache key holds the options and the modification time of ``root``, so a dataset
-    whose files changed is rebuilt; ``force=True`` rebuilds regardless. A build first sweeps
-    what killed builds left under ``data_dir()`` (``records.build_guard``).
+    The cache key holds the options and the modification time of ``root`` (which changes
+    when a file is added, removed or renamed there); the size and modification time of each
+    annotation file the build read (the files named in ``info.source``) are kept beside the
+    build and compared, so an annotation file edited in place is read again. An image
+    rewritten in place is not seen: ``force=True`` rebuilds regardless. A build first
+    sweeps what killed builds left under ``data_dir()`` (``records.build_guard``).
 
     Raises:
         UnknownNameError: ``name`` is not a registered dataset.
@@ -84,13 +88,48 @@ def open_dataset(name: str, options: dict[str, Any] | None = None) -> CrossModal
     stamp = os.stat(root).st_mtime_ns if root and os.path.exists(root) else None
     blob = json.dumps({"name": name, "stamp": stamp, **options}, sort_keys=True, default=str)
     path = data_dir() / f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-    if (path / "info.json").exists() and not force:
+    if (path / "info.json").exists() and not force and _sources_unchanged(path):
         return CrossModalDataset.load(path)
     targets = rf"(?:{'|'.join(map(re.escape, list_datasets()))})-[0-9a-f]{{12}}"
     with build_guard(data_dir(), targets):
         dataset = create_dataset(name, **options)
         dataset.save(path)
+        write_json_atomic(path / SOURCE_STAMPS, source_stamps(dataset.info.source))
     return CrossModalDataset.load(path)
+
+
+SOURCE_STAMPS = "sources.json"
+
+
+def source_stamps(source: Any) -> dict[str, list[int]]:
+    """``{absolute path: [size, mtime_ns]}`` of every existing file named in ``source``
+    (a builder's ``info.source``: strings, lists and dicts of them)."""
+    stamps: dict[str, list[int]] = {}
+    values = list(source.values()) if isinstance(source, dict) else [source]
+    for value in values:
+        if isinstance(value, dict | list | tuple):
+            for v in value.values() if isinstance(value, dict) else value:
+                stamps.update(source_stamps(v))
+        elif isinstance(value, str) and value and os.path.isfile(value):
+            st = os.stat(value)
+            stamps[os.path.abspath(value)] = [st.st_size, st.st_mtime_ns]
+    return stamps
+
+
+def _sources_unchanged(path: Path) -> bool:
+    """Whether the annotation files a cached build read are as they were (see ``open_dataset``)."""
+    try:
+        stamps = json.loads((path / SOURCE_STAMPS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # a build of an older version, or one killed before its stamps were written
+    for file, stamp in stamps.items():
+        try:
+            st = os.stat(file)
+        except OSError:
+            return False
+        if [st.st_size, st.st_mtime_ns] != stamp:
+            return False
+    return True
 
 
 def _import_builders() -> None:

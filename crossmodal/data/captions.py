@@ -5,10 +5,10 @@ Images stay where they are: rows store their path relative to ``info.image_root`
 Problems in the annotations (a bad metadata line, a caption for a missing image, a path
 that escapes the folder, an image that does not decode) are reported with where they
 occurred, counted in ``info.stats`` and skipped; the rest loads. Items without a caption
-are kept as image-only items and reported. Annotation files are read as UTF-8 with or
-without a byte-order mark. Ids taken from the data (COCO image ids, Karpathy file names,
-a hub id column) must be unique: captions and labels point at them, so a file that
-repeats one is refused, naming the ids.
+are kept as image-only items and reported. Annotation files are read as UTF-8, or as the
+UTF-8, UTF-16 or UTF-32 that a byte-order mark names (``records.open_text``). Ids taken
+from the data (COCO image ids, Karpathy file names, a hub id column) must be unique:
+captions and labels point at them, so a file that repeats one is refused, naming the ids.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from crossmodal.data.records import (
     EmptyDatasetError,
     check_unique_ids,
     make_record,
+    open_text,
 )
 from crossmodal.data.splits import fit_protocol
 from crossmodal.images import MAX_PIXELS, ImageDecodeError, check_decodes, open_image
@@ -50,9 +51,6 @@ LOADER_VERSION = 1
 # passes); decode: decode the pixels once (the default); full: open_image (also converts).
 CHECK_MODES = ("none", "header", "decode", "full")
 DEFAULT_CHECK = "decode"
-# Annotation files are UTF-8; "utf-8-sig" also drops the byte-order mark that spreadsheet
-# exports ("CSV UTF-8") and some editors put in front of the first line.
-TEXT_ENCODING = "utf-8-sig"
 TEXT_COLUMNS = ("text", "caption", "captions")
 MAX_REPORTED = 20  # problems listed by name in logs and stats; all are counted
 _INVALID_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that errors="surrogateescape" could not decode
@@ -342,7 +340,7 @@ def _metadata_rows(path: Path, problems: Problems) -> Iterator[tuple[str, dict[s
     if path.suffix.lower() == ".csv":
         yield from _csv_rows(path, problems)
         return
-    with open(path, encoding=TEXT_ENCODING, errors="surrogateescape") as fh:
+    with open_text(path, errors="surrogateescape") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -362,7 +360,7 @@ def _metadata_rows(path: Path, problems: Problems) -> Iterator[tuple[str, dict[s
 
 
 def _csv_rows(path: Path, problems: Problems) -> Iterator[tuple[str, dict[str, Any]]]:
-    with open(path, encoding=TEXT_ENCODING, errors="surrogateescape", newline="") as fh:
+    with open_text(path, errors="surrogateescape", newline="") as fh:
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
         while True:
@@ -497,7 +495,7 @@ def _coco_images_dir(root: Path, split: str, images_dir: str | None) -> Path:
 
 def _read_json(path: Path) -> Any:
     try:
-        with open(path, encoding=TEXT_ENCODING) as fh:
+        with open_text(path) as fh:
             return json.load(fh)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
@@ -655,7 +653,7 @@ _CSV_GLUED = re.compile(r"^\s*\d+\s+(.*)$")
 
 def _results_csv_entries(path: Path, problems: Problems) -> dict[str, Entry]:
     entries: dict[str, Entry] = {}
-    with open(path, encoding=TEXT_ENCODING) as fh:
+    with open_text(path) as fh:
         for lineno, line in enumerate(fh, 1):
             if lineno == 1 and line.lower().startswith("image_name"):
                 continue

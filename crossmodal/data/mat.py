@@ -35,6 +35,7 @@ from crossmodal.data.records import (
     DatasetInfo,
     EmptyDatasetError,
     make_record,
+    open_text,
 )
 from crossmodal.data.splits import fit_protocol
 
@@ -464,7 +465,8 @@ def _read_names(value: Sequence[str] | str | os.PathLike[str], what: str) -> lis
     path = Path(value).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
-    text = path.read_text(encoding="utf-8-sig")  # "-sig": a byte-order mark is not part of the first name
+    with open_text(path) as fh:  # a byte-order mark is not part of the first name
+        text = fh.read()
     if path.suffix.lower() == ".json":
         return [str(v) for v in json.loads(text)]
     return [line.strip() for line in text.splitlines() if line.strip()]

@@ -67,6 +67,44 @@ class DuplicateIdError(ValueError):
     """Item ids repeated in a source; the message names them and the source."""
 
 
+# Byte-order marks of the Unicode encodings annotation files come in, longest first (the
+# UTF-32 LE mark begins with the UTF-16 LE one). Spreadsheet programs write "CSV UTF-8" with
+# the UTF-8 mark and "Unicode text" as UTF-16; Windows PowerShell writes UTF-16 by default.
+_BOMS = (
+    (b"\xff\xfe\x00\x00", "utf-32"),
+    (b"\x00\x00\xfe\xff", "utf-32"),
+    (b"\xef\xbb\xbf", "utf-8-sig"),
+    (b"\xff\xfe", "utf-16"),
+    (b"\xfe\xff", "utf-16"),
+)
+
+
+def text_encoding(path: str | os.PathLike[str]) -> str:
+    """The encoding to read annotation file ``path`` with: the one its byte-order mark names
+    (UTF-8, UTF-16 or UTF-32, the mark itself dropped), else UTF-8.
+
+    Raises:
+        ValueError: the file has no byte-order mark but its start holds NUL bytes (UTF-16
+            or UTF-32 without a mark, or a binary file); the message names the file.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    for bom, encoding in _BOMS:
+        if head.startswith(bom):
+            return encoding
+    if b"\x00" in head:
+        raise ValueError(
+            f"{path}: not a UTF-8 text file (it holds NUL bytes: UTF-16 or UTF-32 without a "
+            "byte-order mark, or not text at all); save it as UTF-8"
+        )
+    return "utf-8-sig"
+
+
+def open_text(path: str | os.PathLike[str], **kwargs: Any):
+    """Open annotation file ``path`` for reading as text in its encoding (``text_encoding``)."""
+    return open(path, encoding=text_encoding(path), **kwargs)
+
+
 def check_unique_ids(ids: Iterable[str], where: str) -> None:
     """Refuse repeated item ids: captions and labels point at ids, so they cannot be renumbered.
 
