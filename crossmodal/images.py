@@ -140,8 +140,9 @@ def deep_to_8bit(img: Image.Image) -> Image.Image:
     transparent grey value.
 
     Integers in 0..65535 (every 16-bit layout, and ``I`` images of 16-bit data such as
-    16-bit PNGs) keep their top 8 bits. Floats are taken as 0..1 when none exceeds 1, as
-    0..255 when none exceeds 255, else as 0..65535.
+    16-bit PNGs) keep their top 8 bits, except ``I`` (32-bit) images whose values all lie
+    in 0..255, which are 8-bit data stored wide and are taken as they are. Floats are taken
+    as 0..1 when none exceeds 1, as 0..255 when none exceeds 255, else as 0..65535.
 
     Raises:
         ImageDecodeError: values outside those ranges (negative, beyond 65535, NaN or
@@ -158,6 +159,8 @@ def deep_to_8bit(img: Image.Image) -> Image.Image:
         )
     if img.mode == "F" and high <= 255:
         scaled = np.rint(arr * 255.0) if high <= 1 else np.rint(arr)
+    elif img.mode == "I" and high <= 255:  # 32-bit integers holding 8-bit values: as they are,
+        scaled = arr  # never black (a 16-bit PNG that dark would be near black anyway)
     else:
         scaled = np.rint(arr) // 256 if img.mode == "F" else arr.astype(np.int64) >> 8
     grey = Image.fromarray(scaled.astype(np.uint8), mode="L")
