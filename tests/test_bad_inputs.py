@@ -428,7 +428,7 @@ RUN_CASES = {
         lambda r: (_truncate(r / "image.index"), (r / "image.index.json").unlink()),
         "cannot read FAISS binary index",
     ),
-    "store_missing_ids": (_drop_store_rows, "store.sqlite holds 75 items but image.index 80"),
+    "store_missing_ids": (_drop_store_rows, "store.sqlite holds 91 items but image.index 96"),
     "store_edited": (_edit_store_caption, "store.sqlite differs from the checksum in manifest.json"),
     "store_zero_bytes": (lambda r: (r / "store.sqlite").write_bytes(b""), "not a crossmodal metadata store"),
     "store_missing": (lambda r: (r / "store.sqlite").unlink(), "has no store.sqlite; create it with"),

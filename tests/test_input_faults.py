@@ -340,6 +340,29 @@ def test_coco_duplicate_image_ids_are_refused(tmp_path):
     assert "captions_val2017.json: duplicate item ids '3' (2 times)" in str(err.value)
 
 
+@pytest.mark.parametrize("other", [3.0, "3"])
+def test_coco_ids_that_spell_one_number_two_ways_are_one_id(tmp_path, other):
+    # reported against COCO loaders: ids written 3 and 3.0 (a file re-saved by another tool)
+    for name in ("a.jpg", "b.jpg"):
+        png(tmp_path / "val2017", name)
+    captions = {"images": [{"id": 3, "file_name": "a.jpg"}, {"id": other, "file_name": "b.jpg"}],
+                "annotations": [{"id": 1, "image_id": 3, "caption": "which one?"}]}  # fmt: skip
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "captions_val2017.json").write_text(json.dumps(captions))
+    with pytest.raises(DuplicateIdError, match="duplicate item ids '3' \\(2 times\\)"):
+        create_dataset("coco", root=tmp_path, labels=False, cache_dir=str(tmp_path / "c"))
+
+
+def test_coco_captions_find_their_image_whatever_the_ids_spelling(tmp_path):
+    png(tmp_path / "val2017", "a.jpg")
+    captions = {"images": [{"id": "7", "file_name": "a.jpg"}],
+                "annotations": [{"id": 1, "image_id": 7.0, "caption": "a red tile"}]}  # fmt: skip
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "captions_val2017.json").write_text(json.dumps(captions))
+    ds = create_dataset("coco", root=tmp_path, labels=False, cache_dir=str(tmp_path / "c"))
+    assert ds.ids == ["7"] and ds.captions(0) == ["a red tile"]
+
+
 def test_karpathy_duplicate_file_names_are_refused(tmp_path):
     # reported against Flickr30k loaders: a split file listing one image twice (with other sentences)
     png(tmp_path / "flickr30k_images", "1.jpg")
@@ -387,12 +410,15 @@ def deep(mode: str, value) -> Image.Image:
         # Pillow versions, as 32-bit "I")
         (lambda: encoded(Image.fromarray(np.full((4, 4), 40000, np.uint16)), "PNG"), 156),
         (lambda: deep("I", 30000), 117),
+        # reported against numpy exports: int32 arrays of 8-bit values came out black
+        (lambda: deep("I", 200), 200),
         # reported against float exports (TIFF, numpy): 0..1 floats came out black
         (lambda: deep("F", 0.5), 128),
         (lambda: deep("F", 200.0), 200),
         (lambda: deep("F", 30000.0), 117),
     ],
-    ids=["tiff_i16b_issue", "i16", "i16l_max", "i16b", "png16", "i32", "f_unit", "f_255", "f_16bit"],
+    ids=["tiff_i16b_issue", "i16", "i16l_max", "i16b", "png16", "i32", "i32_8bit", "f_unit", "f_255",
+         "f_16bit"],
 )
 def test_deep_and_float_greyscale_is_scaled(make, grey):
     a = np.asarray(open_image(make()))

@@ -501,21 +501,39 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
 
 
+def coco_id(value: Any) -> int | str:
+    """An image id of a COCO-style file in one spelling: ``3``, ``3.0`` and ``"3"`` are all
+    ``3`` (captions and labels point at images by id, so two spellings of one number are one
+    image); other strings stay strings. Booleans and ``None`` are not ids: ``None`` is returned
+    as the string ``"None"`` so that a missing id is reported, never merged with another."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    return str(value)
+
+
 def _coco_entries(
     captions: dict, image_dir: Path, problems: Problems
-) -> tuple[dict[str, Entry], dict[int, str]]:
-    by_id: dict[int, str] = {}
+) -> tuple[dict[str, Entry], dict[int | str, str]]:
+    by_id: dict[int | str, str] = {}
     entries: dict[str, Entry] = {}
-    check_unique_ids((str(img.get("id")) for img in captions.get("images", [])), problems.source)
-    for img in sorted(captions.get("images", []), key=lambda im: im["id"]):
+    images = captions.get("images", [])
+    check_unique_ids((str(coco_id(img.get("id"))) for img in images), problems.source)
+    for img in sorted(images, key=lambda im: str(coco_id(im.get("id"))).zfill(20)):
+        key = coco_id(img.get("id"))
         rel = safe_relpath(image_dir, str(img.get("file_name", "")))
         if rel is None:
             problems.add("unsafe_paths", f"image {img.get('id')}: {img.get('file_name')!r} refused")
             continue
-        by_id[img["id"]] = rel
-        entries[rel] = Entry(id=str(img["id"]))
+        by_id[key] = rel
+        entries[rel] = Entry(id=str(key))
     for ann in captions.get("annotations", []):
-        rel = by_id.get(ann.get("image_id"))
+        rel = by_id.get(coco_id(ann.get("image_id")))
         if rel is None:
             problems.add(
                 "orphan_captions", f"caption {ann.get('id')}: unknown image_id {ann.get('image_id')}"
@@ -525,11 +543,11 @@ def _coco_entries(
     return entries, by_id
 
 
-def _coco_labels(instances: dict, entries: dict[str, Entry], by_id: dict[int, str]) -> list[str]:
+def _coco_labels(instances: dict, entries: dict[str, Entry], by_id: dict[int | str, str]) -> list[str]:
     cats = sorted(instances.get("categories", []), key=lambda c: c["id"])
     name_of = {c["id"]: c["name"] for c in cats}
     for ann in instances.get("annotations", []):
-        rel = by_id.get(ann.get("image_id"))
+        rel = by_id.get(coco_id(ann.get("image_id")))
         label = name_of.get(ann.get("category_id"))
         if rel is not None and label is not None:
             _merge(entries, rel, [], [label])
