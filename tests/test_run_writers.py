@@ -231,6 +231,22 @@ def test_remove_by_key_and_by_file_survives_a_reindex(base, tmp_path, capsys):
     assert index["removed_keys"] == own and [r["items"] for r in index["removed"]] == [2, 2]
 
 
+def test_a_key_two_folders_share_is_removed_from_both_and_said(base, tmp_path, caplog):
+    # reported against indexing command lines: removing by file name took items of another
+    # folder with the same file names, silently
+    import logging
+
+    run, n = base
+    add_to_run(run, str(image_folder(tmp_path / "a", 2)), progress=False)
+    add_to_run(run, str(image_folder(tmp_path / "b", 2, seed=2)), progress=False)
+    with caplog.at_level(logging.WARNING, logger="crossmodal.jobs.index"):
+        out = remove_from_run(run, ["new0000.png"])
+    assert out["removed_items"] == 2
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "1 keys name items from more than one source" in said
+    assert str(tmp_path / "a") in said and str(tmp_path / "b") in said
+
+
 def test_removing_unknown_keys_changes_nothing(base, tmp_path, capsys):
     # reported against indexing command lines: a mistyped key removed the others and said nothing
     run, n = base

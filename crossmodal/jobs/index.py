@@ -493,9 +493,17 @@ def _remove(run_dir: Path, keys: list[str]) -> dict[str, Any]:
         if unknown:
             more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
             raise RunError(f"{len(unknown)} of the {len(keys)} keys are not in {run_dir}: "
-                           f"{', '.join(unknown[:10])}{more}; nothing was removed")  # fmt: skip
+                           f"{', '.join(map(repr, unknown[:10]))}{more}; nothing was removed")  # fmt: skip
         item_ids = sorted(i for ids in found.values() for i in ids)
         items = [it for it in store.get_items(item_ids) if it is not None]
+        sources: dict[str, set[str]] = {}
+        for it in items:
+            sources.setdefault(it["key"], set()).add(str(it["source"]))
+        shared = {k: sorted(v) for k, v in sources.items() if len(v) > 1}
+        if shared:  # a file name added from two folders names an item of each: both go, said aloud
+            named = "; ".join(f"{k!r} from {', '.join(v)}" for k, v in list(shared.items())[:5])
+            log.warning("%d keys name items from more than one source, and every such item is removed: %s",
+                        len(shared), named)  # fmt: skip
         text_ids = [t["text_id"] for group in store.texts_of_items(item_ids) for t in group]
     indexes = {m: BinaryIndex.load(run_dir / f"{m}.index", expected_bits=manifest.get("bits"))
                for m in ("image", "text")}  # fmt: skip
