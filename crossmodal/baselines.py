@@ -17,6 +17,11 @@ Each CCA direction is scaled by its canonical correlation to the power ``corr_po
 ``fit_baseline(name, img_train, txt_train, bits, seed)`` returns a ``Baseline`` with the
 symmetric ``encode_image`` / ``encode_text``. The pieces (``fit_cca``,
 ``random_hyperplanes``, ``itq_rotation``) are public so that other methods can reuse them.
+
+Towers of one dual encoder (CLIP) already map both modalities into one space, so they need
+no CCA: ``shared_lsh`` and ``shared_itq`` hash that space directly, without labels or pairs
+(each modality centred by its own mean, which removes the offset between CLIP's image and
+text embeddings; ITQ's rotation is fitted on the image embeddings alone).
 """
 
 from __future__ import annotations
@@ -247,6 +252,71 @@ def fit_cca_itq(img: np.ndarray, txt: np.ndarray, bits: int, seed: int = 0, iter
             "itq_iters": iters, "itq_loss_first": losses[0] if losses else None,
             "itq_loss_last": losses[-1] if losses else None}
     return Baseline("cca_itq", bits, cca.mean_x, cca.mean_y, cca.wx @ rot, cca.wy @ rot, info)
+
+
+# ----------------------------------------------------------------------------------------
+# One shared space (a dual encoder's embeddings): no CCA, no labels, no pairs
+# ----------------------------------------------------------------------------------------
+def _shared_dims(img: np.ndarray, txt: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    img, txt = np.atleast_2d(np.asarray(img, np.float64)), np.atleast_2d(np.asarray(txt, np.float64))
+    if img.shape[1] != txt.shape[1]:
+        raise ValueError(f"image and text embeddings of one shared space must have the same size, got "
+                         f"{img.shape[1]} and {txt.shape[1]} (towers of two different models?)")  # fmt: skip
+    if len(img) < 2 or not len(txt):
+        raise ValueError(f"need at least 2 image and 1 text embeddings, got {len(img)} and {len(txt)}")
+    if bits < 1:
+        raise ValueError(f"bits must be >= 1, got {bits}")
+    return img, txt
+
+
+def shared_lsh(img: np.ndarray, txt: np.ndarray, bits: int, seed: int = 0) -> Baseline:
+    """Sign random projections of a shared embedding space, each modality centred by its own mean.
+
+    Args:
+        img: ``[n, d]`` image embeddings (their mean centres image inputs).
+        txt: ``[m, d]`` text embeddings (their mean centres text inputs); unpaired.
+        bits: code length (any; hyperplanes are drawn in the ``d``-dim space).
+        seed: seed of the hyperplanes.
+    """
+    img, txt = _shared_dims(img, txt, bits)
+    planes = random_hyperplanes(img.shape[1], bits, seed)  # [d, bits]
+    return Baseline("shared_lsh", bits, img.mean(axis=0), txt.mean(axis=0), planes, planes.copy(),
+                    {"n_image": len(img), "n_text": len(txt)})  # fmt: skip
+
+
+def shared_itq(img: np.ndarray, txt: np.ndarray, bits: int, seed: int = 0, iters: int = 50) -> Baseline:
+    """ITQ (Gong et al., PAMI 2013) on image embeddings, applied to texts of the same space.
+
+    The image embeddings are centred by their mean and projected on their top ``bits``
+    principal directions, then rotated by the ITQ rotation fitted on them. Texts are
+    centred by the text mean and projected and rotated the same way: one projection
+    ``P R`` for both modalities, two means.
+
+    Args:
+        img: ``[n, d]`` image embeddings (the collection to index); ``n > bits``, ``d >= bits``.
+        txt: ``[m, d]`` text embeddings; only their mean is used.
+        bits: code length.
+        seed: seed of ITQ's initial rotation.
+        iters: ITQ iterations.
+
+    Raises:
+        ValueError: sizes differ, or fewer dimensions or images than bits.
+    """
+    img, txt = _shared_dims(img, txt, bits)
+    n, d = img.shape
+    if bits > d or bits >= n:
+        raise ValueError(f"ITQ on {n} embeddings of {d} dims cannot give {bits} bits: it needs more "
+                         "embeddings than bits and at least as many dims (use fewer bits, or more images)")
+    mean = img.mean(axis=0)
+    centred = img - mean
+    evals, evecs = np.linalg.eigh(centred.T @ centred / (n - 1))  # ascending
+    pca = evecs[:, ::-1][:, :bits]  # [d, bits]
+    rot, losses = itq_rotation([centred @ pca], iters=iters, seed=seed)
+    proj = pca @ rot
+    kept = float(evals[::-1][:bits].sum() / max(evals.sum(), 1e-12))
+    info = {"n_image": n, "n_text": len(txt), "variance_kept": round(kept, 4), "itq_iters": iters,
+            "itq_loss_first": losses[0] if losses else None, "itq_loss_last": losses[-1] if losses else None}
+    return Baseline("shared_itq", bits, mean, txt.mean(axis=0), proj, proj.copy(), info)
 
 
 def fit_baseline(name: str, img_train: np.ndarray, txt_train: np.ndarray, bits: int, seed: int = 0,

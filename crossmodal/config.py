@@ -41,6 +41,7 @@ class ConfigError(ValueError):
 # Split sizes are DataConfig keys, never builder options: a builder only declares its default protocol.
 SPLIT_SIZE_KEYS = ("n_query", "n_train", "n_val")
 SIMILARITIES = ("binary", "cosine", "jaccard")
+TRAIN_MODES = ("frozen", "partial", "finetune", "zeroshot")
 
 
 @dataclass
@@ -92,7 +93,9 @@ class LossConfig:
 class TrainConfig:
     # frozen: cache pretrained tower features, train the rest; partial: as frozen, but the image
     # tower's last trainable_blocks blocks train too, on cached feature maps of the blocks
-    # before them (the frozen part runs once); finetune: end to end
+    # before them (the frozen part runs once); finetune: end to end; zeroshot: nothing trains:
+    # the towers of one dual encoder (clip:<model> both) share a space and the linear heads are
+    # ITQ on the database images' embeddings (no labels or captions needed; loss is unused)
     mode: str = "frozen"
     # finetune: train only the last n blocks of pretrained towers; partial: n (null: 2)
     trainable_blocks: int | None = None
@@ -155,8 +158,8 @@ class Config:
         bits = self.model.bits
         if bits <= 0 or bits % 8:
             raise ConfigError(f"model.bits must be a positive multiple of 8 (got {bits})")
-        if self.train.mode not in ("frozen", "partial", "finetune"):
-            raise ConfigError(f"train.mode must be 'frozen', 'partial' or 'finetune' (got {self.train.mode!r})")
+        if self.train.mode not in TRAIN_MODES:
+            raise ConfigError(f"train.mode must be one of {', '.join(TRAIN_MODES)} (got {self.train.mode!r})")
         if self.train.mode == "partial" and self.train.trainable_blocks is not None \
                 and self.train.trainable_blocks <= 0:  # fmt: skip
             raise ConfigError("train.mode 'partial' trains the image tower's last trainable_blocks blocks: "

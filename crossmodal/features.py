@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,7 +296,9 @@ def extract_all(
         if not cache_dir:
             return None
         key = cache_key(dataset, modality, desc)
-        return Path(cache_dir) / f"{dataset.name}-{modality}-{desc.get('name', 'tower')}-{key}.npy"
+        # a tower named by a hub id or folder (clip:/path/to/model) must not make folders of the name
+        tower = re.sub(r"[^A-Za-z0-9._-]+", "_", str(desc.get("name", "tower"))).strip("_.")[-60:]
+        return Path(cache_dir) / f"{dataset.name}-{modality}-{tower}-{key}.npy"
 
     def add_job(key: str, source: Any, n: int, desc: dict[str, Any], tower: Any, order: np.ndarray) -> None:
         path = cache_path(source.modality, desc)

@@ -316,6 +316,15 @@ def keyword_markdown(keyword: Mapping[str, Any], max_words: int = 240) -> list[s
     columns = [("split", "images searched"), ("items", "images"), ("words", "words judged"),
                (p, f"P@{k}"), ("tie", f"P@{k} tie-aware"), ("ceiling", "best possible")]
     text.append(markdown_table(splits, columns))
+    zero = keyword.get("zero_shot")
+    if isinstance(zero, Mapping) and zero.get("database"):
+        rows = [{"split": label, p: s[p], "tie": s[f"{p}_tie"], "ceiling": s["ceiling"]}
+                for key, label in (("database", "database split"), ("query", "query split"))
+                if (s := zero.get(key))]  # fmt: skip
+        columns = [("split", "images searched"), (p, f"P@{k}"), ("tie", f"P@{k} tie-aware"),
+                   ("ceiling", "best possible")]
+        text += ["\nThe same words against the zero-shot ITQ codes (the dual encoder's own embeddings, "
+                 "no training; eval row 'zero-shot ITQ'):\n", markdown_table(rows, columns)]
     if keyword.get("refused"):
         refused = ", ".join(keyword["refused"])
         text.append(f"\nWords the text model refuses as queries (not counted): {refused}.\n")

@@ -398,6 +398,24 @@ def find_metadata(root: Path, metadata: str | os.PathLike[str] | None) -> Path:
     )
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _has_metadata(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("metadata.jsonl", "metadata.csv"))
+
+
+def list_images(folder: Path) -> list[str]:
+    """Relative POSIX paths of the image files under ``folder`` (by suffix, hidden ones skipped), sorted."""
+    found = []
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder)
+        if path.suffix.lower() in IMAGE_SUFFIXES and not any(p.startswith(".") for p in rel.parts) \
+                and path.is_file():  # fmt: skip
+            found.append(rel.as_posix())
+    return sorted(found)
+
+
 @register_dataset("imagefolder")
 def load_imagefolder(
     root: str | os.PathLike[str],
@@ -413,13 +431,17 @@ def load_imagefolder(
 ) -> CrossModalDataset:
     """A folder of images with ``metadata.jsonl`` or ``metadata.csv`` (Hugging Face imagefolder layout).
 
+    Without a metadata file every image under the folder (by suffix: ``IMAGE_SUFFIXES``) is an
+    item with no caption and no label, keyed by its relative path: enough for a zero-shot CLIP
+    run (``train.mode: zeroshot``), whose keyword search needs neither.
+
     The default protocol is a fifth of the items as queries (at most 1,000) and the rest
     for training (at most 10,000); a run sets other split sizes with ``data.n_query``,
     ``data.n_train``, ``data.n_val``, not with builder options.
 
     Args:
         root: the folder; ``file_name`` values are relative to it and may not leave it.
-        metadata: the metadata file (default: metadata.jsonl, else metadata.csv in root).
+        metadata: the metadata file (default: metadata.jsonl, else metadata.csv in root, else none).
         file_column: column with the image path.
         text_column: column with the caption(s), a string or a list (default: first of
             text, caption, captions).
@@ -434,16 +456,23 @@ def load_imagefolder(
         name: the dataset name recorded in ``info``.
     """
     folder = _require_dir(Path(root).expanduser(), "image folder")
-    meta = find_metadata(folder, metadata)
-    problems = Problems(str(meta))
-    entries, has_labels = read_metadata(
-        meta, folder, problems, file_column, text_column, labels_column, label_separator
-    )
+    meta = find_metadata(folder, metadata) if metadata is not None or _has_metadata(folder) else None
+    problems = Problems(str(meta or folder))
+    if meta is None:  # a folder of images alone: each image an item without caption or label
+        images = list_images(folder)
+        if not images:
+            raise FileNotFoundError(f"no metadata.jsonl or metadata.csv in {folder}, and no image file "
+                                    f"({' '.join(IMAGE_SUFFIXES)}) under it; see {DATA_README}")
+        entries, has_labels = {rel: Entry(id=rel) for rel in images}, False
+    else:
+        entries, has_labels = read_metadata(
+            meta, folder, problems, file_column, text_column, labels_column, label_separator
+        )
     seen = sorted({lab for e in entries.values() for lab in e.labels})
     label_names = seen if has_labels and seen else None  # no label anywhere: relevance 'image'
     source = {
         "root": str(root),
-        "metadata": str(meta),
+        "metadata": str(meta) if meta is not None else None,
         "file_column": file_column,
         "text_column": text_column,
         "labels_column": labels_column,

@@ -9,6 +9,15 @@ Rows of the report:
     LSH (CCA)      random hyperplanes on CCA-aligned frozen features (when both towers
     CCA-ITQ        are frozen), fitted on the run's training split
 
+Runs whose towers are the two halves of one dual encoder (``clip:``) get three zero-shot
+rows, the towers' own pretrained embeddings with no training at all, to show what training
+adds and what hashing costs:
+    zero-shot float (cosine)  the embeddings ranked by cosine similarity
+    zero-shot LSH             random hyperplanes, each modality centred by its database mean
+    zero-shot ITQ             ITQ fitted on the database images' embeddings, texts centred by
+                              the mean of the database captions: the codes of a
+                              ``train.mode: zeroshot`` run (``baselines.shared_itq``)
+
 Queries are the query split; the database is the database split and relevance is
 "shares a label". For captions-only data relevance is "same item", and the query items'
 texts (images) form the database of the image (text) queries: i2t and t2i only.
@@ -16,7 +25,8 @@ texts (images) form the database of the image (text) queries: i2t and t2i only.
 Sections beside the rows (``metrics.json`` keys ``keyword`` and ``codes``):
     keyword  each concept word of the dataset (a label name that is one word) typed as a
              text query: precision@10 of the images whose captions hold the word, over the
-             database split (what the app searches) and over the query split (never trained on)
+             database split (what the app searches) and over the query split (never trained on);
+             in runs with zero-shot rows, also of the zero-shot ITQ codes (``keyword.zero_shot``)
     codes    the database codes: distinct codes, the largest group sharing one code, mean
              per-bit entropy, and each database image's rank when its own code is the query
 
@@ -31,13 +41,14 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from crossmodal.baselines import fit_baseline
+from crossmodal.baselines import Baseline, fit_baseline, shared_itq, shared_lsh
 from crossmodal.codes import sign
 from crossmodal.data import RELEVANCE_IMAGE, CrossModalDataset, open_dataset
 from crossmodal.data.splits import make_splits
@@ -57,11 +68,13 @@ from crossmodal.models.hasher import TwoTowerHasher
 from crossmodal.report import metric_rows, ndcg_key, to_jsonable, write_run_report
 from crossmodal.runs.encode import (
     RunData,
+    ZeroShot,
     continuous_codes,
     dataset_features,
     encode_texts,
     frozen_features,
     open_run_data,
+    zero_shot_features,
 )
 from crossmodal.runs.folder import EVAL_FILES, RunUpdate, lock_run, read_manifest
 from crossmodal.runs.model import MODALITIES, load_model
@@ -74,7 +87,9 @@ KEYWORD_K = 10  # a results page
 TOP_SHOWN = 3  # captions of the top results shown per word in the report
 OWN_RANK_KS = (1, 10)
 TRANSFER_PREFIX = "eval/transfer-"
-ROW_ORDER = ("hash", "float (cosine)", "LSH (CCA)", "CCA-ITQ")  # metrics.json stores rows sorted by name
+ZERO_SHOT_ROWS = ("zero-shot float (cosine)", "zero-shot LSH", "zero-shot ITQ")
+# the report's row order (metrics.json stores rows sorted by name)
+ROW_ORDER = ("hash", "float (cosine)", "LSH (CCA)", "CCA-ITQ", *ZERO_SHOT_ROWS)
 
 
 def eval_run(
@@ -106,6 +121,9 @@ def _eval_run(run_dir: str | os.PathLike[str], baselines: bool, ks: tuple[int, .
     feats = frozen_features(data, model)
     split, directions = dict(data.splits), DIRECTIONS
     same_item = data.dataset.info.relevance == RELEVANCE_IMAGE
+    if not data.dataset.info.bow_dim and not any(data.dataset.captions_of(split["query"])):
+        log.warning("%s: no query item has a caption, so every row's text side scores empty texts and "
+                    "means nothing (the image codes section still holds)", run_dir)
     if same_item:
         # "same item" relevance: each query image is matched against the query items' texts
         # (and vice versa), as in the usual Flickr30k / COCO caption protocols
@@ -118,6 +136,13 @@ def _eval_run(run_dir: str | os.PathLike[str], baselines: bool, ks: tuple[int, .
     if not same_item:
         images["query"] = (split["query"], sign(q["image"]))
     keyword = keyword_eval(model, data.dataset, images, _bit_weights(model))
+    zero = zero_shot_features(data, model, feats)
+    if zero is not None:
+        itq = _zero_shot_rows(data, zero, split, model.bits, opts, rows)
+        zero_keyword = None if keyword is None or itq is None else \
+            zero_shot_keyword(model, data.dataset, zero, itq, split, same_item)  # fmt: skip
+        if zero_keyword is not None:
+            keyword["zero_shot"] = zero_keyword
     codes = code_report(sign(db["image"]), sign(db["text"]), _bit_weights(model))
     summary = {r: {d: round(float(m["map"]), 4) for d, m in v.items()} for r, v in rows.items()}
     info = {"map": summary, "n_query": int(len(split["query"])), "n_db": int(len(split["database"]))}
@@ -129,6 +154,52 @@ def _eval_run(run_dir: str | os.PathLike[str], baselines: bool, ks: tuple[int, .
                          codes=codes, transfers=saved_transfers(run_dir))  # fmt: skip
         update.commit(eval={**info, "seconds": round(time.perf_counter() - started, 2)})
     return {**rows, **({"keyword": keyword} if keyword is not None else {}), "codes": codes}
+
+
+def _zero_shot_rows(data: RunData, zero: ZeroShot, split: dict[str, np.ndarray], bits: int,
+                    opts: dict[str, Any], rows: dict[str, Any]) -> Baseline | None:  # fmt: skip
+    """Add the zero-shot rows to ``rows``; returns the ITQ codes' baseline (None when it cannot be fitted)."""
+    target = relevance_args(data.dataset.labels_matrix(), split["query"], split["database"])
+    emb = {(s, m): zero.features[m][torch.as_tensor(split[s])].numpy() for s in ("query", "database")
+           for m in MODALITIES}  # fmt: skip
+
+    def score(hasher: Baseline | None) -> dict[str, Any]:
+        arrays = {f"{'db' if s == 'database' else s}_{m}": (emb[s, m] if hasher is None else
+                  (hasher.encode_image if m == "image" else hasher.encode_text)(emb[s, m]))
+                  for s in ("query", "database") for m in MODALITIES}  # fmt: skip
+        cosine = {"metric": "cosine"} if hasher is None else {}
+        return evaluate_directions(arrays, **target, **opts, **cosine)
+
+    seed = data.cfg.train.seed
+    rows[ZERO_SHOT_ROWS[0]] = score(None)
+    rows[ZERO_SHOT_ROWS[1]] = score(shared_lsh(emb["database", "image"], emb["database", "text"], bits, seed))
+    captioned = np.array([bool(c) for c in data.dataset.captions_of(split["database"])], dtype=bool)
+    try:  # the text mean of a zero-shot run: its database items' captions
+        itq = shared_itq(emb["database", "image"], emb["database", "text"][captioned], bits, seed)
+    except ValueError as exc:
+        log.warning("no zero-shot ITQ row: %s", exc)
+        return None
+    rows[ZERO_SHOT_ROWS[2]] = score(itq)
+    return itq
+
+
+def zero_shot_keyword(model: TwoTowerHasher, dataset: CrossModalDataset, zero: ZeroShot, itq: Baseline,
+                      split: dict[str, np.ndarray], same_item: bool) -> dict[str, Any] | None:  # fmt: skip
+    """Keyword precision of the zero-shot ITQ codes, words embedded by the pretrained text tower
+    (``keyword_eval``'s means per split; per-word details are left out)."""
+    images = {"database": (split["database"], itq.encode_image(zero.features["image"][split["database"]]))}
+    if not same_item:
+        images["query"] = (split["query"], itq.encode_image(zero.features["image"][split["query"]]))
+
+    @torch.no_grad()
+    def encode(words: list[str]) -> np.ndarray:
+        tower = zero.text_tower
+        parts = [tower(**tower.tokenize(words[s : s + 256])).float().numpy()
+                 for s in range(0, len(words), 256)]  # fmt: skip
+        return itq.encode_text(np.concatenate(parts))
+
+    out = keyword_eval(model, dataset, images, None, encode=encode)
+    return None if out is None else {k: v for k, v in out.items() if k != "words"}
 
 
 def _bit_weights(model: TwoTowerHasher) -> np.ndarray | None:
@@ -157,7 +228,12 @@ def _score_rows(data: RunData, model: TwoTowerHasher, feats: dict[str, Any], spl
     if baselines and all(feats[m] is not None for m in MODALITIES):
         train = split["train"]
         for name, label in (("lsh", "LSH (CCA)"), ("cca_itq", "CCA-ITQ")):
-            base = fit_baseline(name, feats["image"][train].numpy(), feats["text"][train].numpy(), model.bits)
+            x, y = feats["image"][train].numpy(), feats["text"][train].numpy()
+            try:
+                base = fit_baseline(name, x, y, model.bits)
+            except ValueError as exc:  # CCA-ITQ needs as many canonical directions as bits
+                log.warning("no %s row: %s", label, exc)
+                continue
             enc = [base.encode_image(feats["image"][split[s]].numpy()) for s in ("query", "database")]
             txt = [base.encode_text(feats["text"][split[s]].numpy()) for s in ("query", "database")]
             rows[label] = score(enc[0], txt[0], enc[1], txt[1])
@@ -173,6 +249,7 @@ def keyword_eval(
     images: Mapping[str, tuple[np.ndarray, np.ndarray]],
     bit_weights: np.ndarray | None = None,
     k: int = KEYWORD_K,
+    encode: Callable[[list[str]], np.ndarray] | None = None,
 ) -> dict[str, Any] | None:
     """Keyword precision@k: each concept word typed as a text query against the images of each split.
 
@@ -182,6 +259,7 @@ def keyword_eval(
         images: ``{"database": (positions, image codes), "query": ...}``: the images searched.
         bit_weights: the model's per-bit weights, if any (weighted Hamming).
         k: the cut-off.
+        encode: words -> codes ``[n, bits]`` (default: the model, as the search engine encodes a query).
 
     Returns:
         ``{"k", "n_words", "refused", "database": means, "query": means, "words": [per word]}``
@@ -196,7 +274,7 @@ def keyword_eval(
                            "words": []}  # fmt: skip
     if not usable:
         return out
-    codes = encode_texts(model, usable)  # [n_words, bits]
+    codes = encode_texts(model, usable) if encode is None else encode(usable)  # [n_words, bits]
     relevance = word_relevance(dataset.captions_of(), usable)  # [n_words, n_items]
     per_word: list[dict[str, Any]] = [{"word": w} for w in usable]
     for name, (idx, img) in images.items():
@@ -391,7 +469,8 @@ def summary_table(metrics: Mapping[str, Any]) -> str:
     rows = metric_rows(metrics)
     dirs = [d for d in DIRECTIONS if any(d in v for v in rows.values())]
     n_key = ndcg_key({f"{r}/{d}": m[d] for r, m in rows.items() for d in m}) or "ndcg@100"
-    head = f"{'':<15}" + "".join(f"{d + ' mAP':>9}{n_key.upper():>9}{'P@100':>7}" for d in dirs)
+    width = max([15, *(len(r) + 1 for r in rows)])
+    head = f"{'':<{width}}" + "".join(f"{d + ' mAP':>9}{n_key.upper():>9}{'P@100':>7}" for d in dirs)
     lines = [head]
     for name, m in _ordered(rows).items():
         cells = "".join(
@@ -399,7 +478,7 @@ def summary_table(metrics: Mapping[str, Any]) -> str:
             for d in dirs
             if d in m
         )
-        lines.append(f"{name[:14]:<15}{cells}")
+        lines.append(f"{name:<{width}}{cells}")
     return "\n".join([*lines, *_section_lines(metrics)])
 
 

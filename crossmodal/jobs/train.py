@@ -5,6 +5,11 @@ tower has one, extracts (or reuses) the cached features of frozen towers, calls
 ``crossmodal.fit.fit``, checkpoints every ``train.checkpoint_every`` epochs so that
 ``--resume`` can continue, and finally writes the model and the manifest in one
 ``RunUpdate``.
+
+``train.mode: zeroshot`` trains nothing: the two frozen towers of one dual encoder (``clip:``)
+already share an embedding space, and the linear heads are set to ITQ on the database
+items' image embeddings (``baselines.shared_itq``), text inputs centred by the text mean.
+Such a run needs no labels and no captions: a folder of images is enough.
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
+from crossmodal.baselines import Baseline, shared_itq
 from crossmodal.config import Config, settings_differences, training_settings
 from crossmodal.data import DATASETS, CrossModalDataset, open_dataset
 from crossmodal.data.splits import make_splits
@@ -42,9 +50,11 @@ from crossmodal.fit import (
     frozen_towers,
     resolve_device,
     trainable_state,
+    validate,
 )
 from crossmodal.io import atomic_path, write_json_atomic
 from crossmodal.losses import LOSSES, create_loss, list_losses
+from crossmodal.models.clip import NEUTRAL_TEXTS
 from crossmodal.models.hasher import TwoTowerHasher
 from crossmodal.models.image import IMAGE_TOWERS, CachedTrunk
 from crossmodal.models.text import TEXT_TOWERS
@@ -98,6 +108,8 @@ def _train_run(cfg: Config, resume: bool, progress: bool) -> Path:
     splits.save(run_dir / "splits.json")
     cfg.dump(run_dir / "config.yaml")
     model = build_model(cfg, dataset.info)
+    if cfg.train.mode == "zeroshot":
+        return _zeroshot_run(cfg, model, dataset, splits, started, progress)
     loss = create_loss(cfg.loss.name, **cfg.loss.params)
     frozen = frozen_towers(model, cfg.train.mode in ("frozen", "partial"))
     if cfg.train.mode == "partial":  # its last blocks train (on cached maps): saved with the run
@@ -128,22 +140,110 @@ def _train_run(cfg: Config, resume: bool, progress: bool) -> Path:
         raise RunError(f"cannot resume from {checkpoints.dir}: {exc}; {hint}") from None
     timings["epochs"] = round(time.perf_counter() - t0, 3)
     seconds = time.perf_counter() - started
-    with RunUpdate(run_dir) as update:
-        save_model(update, model, model_spec(cfg, dataset.info), frozen)
-        write_json_atomic(update.path("train_log.json"), {
-            "history": state.history, "best_epoch": state.best_epoch + 1, "best_val_map": state.best_score,
-            "seconds": seconds, "timings": timings})  # fmt: skip
-        update.adopt("config.yaml", "splits.json")
-        update.commit(
-            bits=model.bits, image_tower=cfg.model.image_tower, text_tower=cfg.model.text_tower,
-            loss=cfg.loss.name, train_seconds=round(seconds, 2), best_val_map=state.best_score, frozen=frozen,
-            dataset={"name": dataset.name, "fingerprint": dataset.fingerprint(), "items": len(dataset)},
-            dataset_info={k: v for k, v in dataset.info.__dict__.items() if k not in ("stats",)},
-        )  # fmt: skip
+    train_log = {"history": state.history, "best_epoch": state.best_epoch + 1,
+                 "best_val_map": state.best_score, "seconds": seconds, "timings": timings}  # fmt: skip
+    save_run(cfg, model, dataset, frozen, train_log, cfg.loss.name)
     if not cfg.train.keep_checkpoint:  # the run is whole without it (a third of a run's size)
         shutil.rmtree(checkpoints.dir, ignore_errors=True)
     log.info("trained %s in %.1f s; best validation mAP %.4f", run_dir, seconds, state.best_score)
     return run_dir
+
+
+def save_run(cfg: Config, model: TwoTowerHasher, dataset: CrossModalDataset, frozen: dict[str, bool],
+             train_log: dict[str, Any], method: str) -> None:  # fmt: skip
+    """Write the trained model, ``train_log.json`` and the manifest into ``cfg.run_dir`` in one update."""
+    seconds, best = train_log["seconds"], train_log["best_val_map"]
+    with RunUpdate(cfg.run_dir) as update:
+        save_model(update, model, model_spec(cfg, dataset.info), frozen)
+        write_json_atomic(update.path("train_log.json"), train_log)
+        update.adopt("config.yaml", "splits.json")
+        update.commit(
+            bits=model.bits, image_tower=cfg.model.image_tower, text_tower=cfg.model.text_tower,
+            loss=method, train_seconds=round(seconds, 2), best_val_map=best, frozen=frozen,
+            dataset={"name": dataset.name, "fingerprint": dataset.fingerprint(), "items": len(dataset)},
+            dataset_info={k: v for k, v in dataset.info.__dict__.items() if k not in ("stats",)},
+        )  # fmt: skip
+
+
+ZEROSHOT_METHOD = "zeroshot-itq"
+
+
+def _zeroshot_run(cfg: Config, model: TwoTowerHasher, dataset: CrossModalDataset, splits: Any,
+                  started: float, progress: bool) -> Path:  # fmt: skip
+    """``train.mode: zeroshot``: frozen towers of one dual encoder, heads set to ITQ; nothing trains."""
+    check_shared_space(model)
+    frozen = {m: True for m in MODALITIES}
+    device = resolve_device(cfg.train.device)
+    t0 = time.perf_counter()
+    inputs = prepare_inputs(cfg, model, dataset, splits.train, frozen, str(device), progress)
+    feats = {m: inputs[m].item_features for m in MODALITIES}
+    timings = {"features": round(time.perf_counter() - t0, 3)}
+    t0 = time.perf_counter()
+    db = np.asarray(splits.database)
+    texts, source = zeroshot_texts(model, dataset, db, feats["text"], device)
+    base = shared_itq(feats["image"][torch.as_tensor(db)].numpy(), texts, model.bits, seed=cfg.train.seed)
+    set_linear_heads(model, base)
+    timings["itq"] = round(time.perf_counter() - t0, 3)
+    data = TrainData(inputs, splits.train, dataset.labels_matrix(), splits.val)
+    captioned = bool(len(splits.val)) and all(len(c) for c in dataset.captions_of(splits.val))
+    score = validate(model, _NoBitWeights(), data, device) if captioned else {}
+    train_log = {"method": ZEROSHOT_METHOD, "history": [], "best_epoch": 0,
+                 "best_val_map": score.get("val_map", -1.0), "validation": score,
+                 "seconds": time.perf_counter() - started, "timings": timings,
+                 "itq": {**base.info, "database_items": int(len(db)), "text_mean_from": source}}  # fmt: skip
+    save_run(cfg, model.cpu(), dataset, frozen, train_log, ZEROSHOT_METHOD)
+    log.info("zero-shot run %s: ITQ on %d database images, text mean from %s", cfg.run_dir, len(db), source)
+    return cfg.run_dir
+
+
+class _NoBitWeights:
+    """What ``validate`` asks of a loss, for a model that had none: plain Hamming ranking."""
+
+    def bit_weights(self) -> None:
+        return None
+
+
+def check_shared_space(model: TwoTowerHasher) -> None:
+    """Refuse towers whose outputs are not one embedding space (``train.mode: zeroshot`` needs them).
+
+    Raises:
+        ValueError: a tower is not the half of a dual encoder, or their sizes differ.
+    """
+    towers = {"image": model.image_tower, "text": model.text_tower}
+    odd = [m for m, t in towers.items() if not getattr(t, "zero_shot", False) or not t.pretrained]
+    if odd or model.image_tower.feature_dim != model.text_tower.feature_dim:
+        raise ValueError(
+            "train.mode zeroshot needs the pretrained image and text towers of one dual encoder, whose "
+            "embeddings share one space: model.image_tower and model.text_tower both clip:<model> with the "
+            f"same model (got {', '.join(type(t).__name__ for t in towers.values())}, "
+            f"{model.image_tower.feature_dim} and {model.text_tower.feature_dim} dims)"
+        )
+    if not isinstance(model.image_head, nn.Linear) or not isinstance(model.text_head, nn.Linear):
+        raise ValueError("train.mode zeroshot sets linear hash heads (model.head: linear)")
+
+
+@torch.no_grad()
+def zeroshot_texts(model: TwoTowerHasher, dataset: CrossModalDataset, db: np.ndarray,
+                   text_feats: torch.Tensor | None, device: torch.device) -> tuple[np.ndarray, str]:
+    """Text embeddings whose mean centres text queries, and where they come from: the captions
+    of the database items that have one, else ``NEUTRAL_TEXTS`` (a folder of images alone)."""
+    has = np.array([bool(c) for c in dataset.captions_of(db)], dtype=bool)
+    if text_feats is not None and has.any():
+        return text_feats[torch.as_tensor(db[has])].numpy(), f"captions of {int(has.sum())} database items"
+    tower = model.text_tower.eval().to(device)
+    batch = {k: v.to(device) for k, v in tower.tokenize(list(NEUTRAL_TEXTS)).items()}
+    return tower(**batch).float().cpu().numpy(), f"{len(NEUTRAL_TEXTS)} neutral texts (no captions)"
+
+
+def set_linear_heads(model: TwoTowerHasher, base: Baseline) -> None:
+    """Make the heads compute ``(x - mean) @ proj`` of ``base``, per modality."""
+    for head, mean, proj in ((model.image_head, base.mean_image, base.proj_image),
+                             (model.text_head, base.mean_text, base.proj_text)):  # fmt: skip
+        w = torch.from_numpy(np.ascontiguousarray(proj))  # [f, bits]
+        with torch.no_grad():
+            head.weight.copy_(w.T.to(head.weight))
+            head.bias.copy_((-torch.from_numpy(np.asarray(mean)) @ w).to(head.bias))
+    model.activation = "identity"
 
 
 def prepare_inputs(

@@ -2,12 +2,14 @@
 
 ``create_image_tower("efficientnet_lite0")`` and ``create_text_tower("minilm")`` return
 ``nn.Module`` towers mapping a batch to ``[B, feature_dim]``; ``crossmodal.models.hasher``
-puts a hash head on each. Heavy libraries (torchvision, transformers) load only when a
-tower that needs them is built.
+puts a hash head on each. ``clip:<model>`` names the image or text half of a CLIP-family
+model (``crossmodal.models.clip``), by hub id or folder. Heavy libraries (torchvision,
+transformers) load only when a tower that needs them is built.
 """
 
 from __future__ import annotations
 
+from crossmodal.models import clip  # noqa: F401  (registers the clip: towers)
 from crossmodal.models.image import (
     IMAGE_TOWERS,
     ImageTower,

@@ -23,12 +23,13 @@ from crossmodal.data import CrossModalDataset, open_dataset
 from crossmodal.data.splits import Splits
 from crossmodal.features import FeatureRequest, ModalityInputs, extract_all, join_captions, tower_description
 from crossmodal.models.hasher import TwoTowerHasher
-from crossmodal.models.image import CachedTrunk
+from crossmodal.models.image import CachedTrunk, create_image_tower
+from crossmodal.models.text import create_text_tower
 from crossmodal.runs.folder import RunError, check_run, load_run_config
 from crossmodal.runs.model import MODALITIES, WEIGHTS
 
-__all__ = ["RunData", "continuous_codes", "dataset_features", "encode_items", "encode_texts",
-           "frozen_features", "open_run_data"]
+__all__ = ["RunData", "ZeroShot", "continuous_codes", "dataset_features", "encode_items", "encode_texts",
+           "frozen_features", "open_run_data", "zero_shot_features"]
 
 
 @dataclass
@@ -85,6 +86,46 @@ def dataset_features(
     train = data.cfg.train
     feats = extract_all(dataset, requests, train.cache_dir, train.feature_batch_size, progress=progress)
     return {"image": feats.get("image"), "text": feats.get("text")}
+
+
+@dataclass
+class ZeroShot:
+    """A dual encoder's own embeddings of a run's dataset, before any hashing or training.
+
+    Attributes:
+        features: ``{"image": [n, d], "text": [n, d]}`` for every item (its joined captions).
+        text_tower: the pretrained text tower that gives them (to embed typed words alike).
+    """
+
+    features: dict[str, torch.Tensor]
+    text_tower: Any
+
+
+def zero_shot_features(data: RunData, model: TwoTowerHasher,
+                       feats: dict[str, torch.Tensor | None]) -> ZeroShot | None:  # fmt: skip
+    """The pretrained embeddings of a run whose towers are the two halves of one dual encoder
+    (``clip:``): its cached frozen features, or, for a tower that was trained, those of the
+    pretrained tower loaded again (cached like a frozen tower's). None for other towers.
+    """
+    towers = {"image": model.image_tower, "text": model.text_tower}
+    if not all(getattr(t, "zero_shot", False) for t in towers.values()):
+        return None
+    if towers["image"].feature_dim != towers["text"].feature_dim:
+        return None
+    out = {m: feats.get(m) for m in MODALITIES}
+    m_cfg = data.cfg.model
+    if out["text"] is None:
+        towers["text"] = create_text_tower(m_cfg.text_tower, pretrained=True, **dict(m_cfg.text_options))
+    if out["image"] is None:
+        towers["image"] = create_image_tower(m_cfg.image_tower, pretrained=True, image_size=m_cfg.image_size)
+    requests = []
+    for m in [m for m in MODALITIES if out[m] is None]:
+        desc = {k: v for k, v in tower_description(data.cfg, m).items() if k != "trunk"}
+        towers[m].set_trainable(0)
+        requests.append(FeatureRequest(m, towers[m], desc))
+    train = data.cfg.train
+    out.update(extract_all(data.dataset, requests, train.cache_dir, train.feature_batch_size, progress=False))
+    return ZeroShot({m: out[m] for m in MODALITIES}, towers["text"].eval())
 
 
 @torch.no_grad()

@@ -30,7 +30,8 @@ MODALITIES = ("image", "text")
 
 
 def model_spec(cfg: Config, info: DatasetInfo | None = None) -> HasherSpec:
-    """The model a recipe names; a bag-of-words dataset fixes the ``bow_mlp`` input size."""
+    """The model a recipe names; a bag-of-words dataset fixes the ``bow_mlp`` input size, and
+    ``train.mode: zeroshot`` linear heads (they hold the ITQ projection)."""
     m = cfg.model
     text_options = dict(m.text_options)
     if info is not None and info.bow_dim and m.text_tower == "bow_mlp":
@@ -40,7 +41,7 @@ def model_spec(cfg: Config, info: DatasetInfo | None = None) -> HasherSpec:
         image_tower={"name": m.image_tower, "pretrained": m.pretrained, "weights": m.image_weights,
                      "image_size": m.image_size},  # fmt: skip
         text_tower={"name": m.text_tower, "pretrained": m.pretrained, "options": text_options},
-        head=m.head,
+        head="linear" if cfg.train.mode == "zeroshot" else m.head,  # zeroshot: ITQ in linear heads
         head_hidden=m.head_hidden,
     )
 
