@@ -213,6 +213,37 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- export -----------------------------------------------------------------------------------
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run folder (trained and indexed)")
+    p.add_argument("--int8", action="store_true",
+                   help="also write dynamically quantised int8 encoders (faster, other codes; not served "
+                        "unless asked for)")
+    p.add_argument("--check-limit", type=int, metavar="N",
+                   help="check at most N texts and N images of the store (default: all)")
+    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
+                   help="torch's ONNX exporter (default: %(default)s; dynamo needs onnxscript)")  # fmt: skip
+
+
+@command("export", "write a run's query encoders as ONNX files, for serving without torch")
+@args_for(_export_args)
+def cmd_export(args: argparse.Namespace) -> int:
+    import shlex
+
+    from crossmodal.jobs.export import describe_check, export_run
+
+    limit = f" --check-limit {args.check_limit}" if args.check_limit else ""
+    command = f"crossmodal export --run {shlex.quote(args.run)}{' --int8' if args.int8 else ''}{limit}"
+    info = export_run(args.run, int8=args.int8, check_limit=args.check_limit, exporter=args.exporter,
+                      command=command)  # fmt: skip
+    sizes = ", ".join(f"{name} ({size / 2**20:.1f} MiB)" for name, size in info["files"].items())
+    print(f"exported {args.run} in {info['seconds']:.1f} s: {sizes}")
+    print("check against the torch model:")
+    for line in describe_check(info["check"]):
+        print(f"  {line}")
+    return 0
+
+
 # -- search -----------------------------------------------------------------------------------
 def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run folder")
@@ -221,6 +252,8 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     what.add_argument("--image", help="an image file: find captions (or images with --same)")
     p.add_argument("-k", type=int, default=10, help="number of results (default: %(default)s)")
     p.add_argument("--same", action="store_true", help="search the same modality (image->image, text->text)")
+    p.add_argument("--encoders", choices=("auto", "onnx", "torch"), default="auto",
+                   help="query encoders: the run's exported ONNX ones when it has them (auto), or torch")
 
 
 @command("search", "search a run by keywords or by an image and print the results")
@@ -230,7 +263,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from crossmodal.serving import RetrievalEngine
     from crossmodal.text import QueryError
 
-    engine = RetrievalEngine.load(args.run)
+    engine = RetrievalEngine.load(args.run, backend=args.encoders)
     try:
         if args.text is not None:
             result = (engine.similar_texts if args.same else engine.search_text)(args.text, args.k)

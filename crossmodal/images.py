@@ -184,3 +184,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")  # applies a palette's alpha and a colour key of L, RGB, P
         return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE), rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def image_array(
+    img: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> np.ndarray:
+    """An image tower's input: RGB, resized (bilinear) to ``size`` square, scaled to 0..1 and
+    normalised per channel, as ``float32 [3, size, size]``.
+
+    The torch towers (``ImageTower.preprocess``) and the exported encoders share it, so that
+    both see the same pixels.
+    """
+    img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))

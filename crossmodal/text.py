@@ -9,7 +9,9 @@ ligatures) is one word everywhere.
 The bag-of-words towers (``bow_mlp``, ``textcnn``) fit a ``BowVocabulary`` on the training
 captions and save it in the run folder as ``vocab.json``; the transformer towers use their
 own Hugging Face tokenizer. Both kinds reject unusable queries with ``QueryError``, through
-the one check of ``check_query_words``.
+the one check of ``check_query_words``. The checks are plain functions of a tower's
+``read_query`` (``check_query``, ``unknown_query_words``), so that an encoder without torch
+(the exported encoders of a run) applies the same rules with the same messages.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import re
 import sys
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -33,6 +35,13 @@ N_SPECIAL_IDS = 2
 NORMAL_FORM = "NFKC"
 EMPTY_QUERY_MESSAGE = "the text query is empty; type a few words"
 MAX_NAMED_WORDS = 10  # unknown words named in a message; the rest are counted
+NO_WORD_LIST_MESSAGE = (
+    "this text model has no word list (its dataset ships bag-of-words vectors only), "
+    "so it cannot encode typed text"
+)
+
+#: ``text -> (known pieces, unknown pieces)``: how a text tower reads a query
+QueryReader = Callable[[str], tuple[list[str], list[str]]]
 
 
 class QueryError(ValueError):
@@ -116,6 +125,60 @@ def check_query_words(text: str, known: list[str], unknown: list[str]) -> None:
         shown = text if len(text) <= 40 else text[:40] + "..."
         raise QueryError(f"the text query {shown!r} has no words (letters or digits)")
     raise QueryError(f"none of the query's words are in the model's vocabulary: {name_words(unknown)}")
+
+
+def check_query(text: str, read_query: QueryReader) -> None:
+    """Raise ``QueryError`` when ``text`` cannot be encoded meaningfully by a tower that reads
+    queries with ``read_query``: empty (only whitespace, control or zero-width characters), no
+    word, or no word the tower knows (``check_query_words``)."""
+    check_not_empty(text)
+    check_query_words(text, *read_query(text))
+
+
+def unknown_query_words(text: str, read_query: QueryReader) -> list[str]:
+    """The words of a usable query that a tower reading with ``read_query`` cannot represent,
+    without repeats, in order (it answers from the others).
+
+    Raises:
+        QueryError: ``text`` is not a string or is empty.
+    """
+    check_not_empty(text)
+    return list(dict.fromkeys(read_query(text)[1]))
+
+
+def split_tokens(
+    text: str,
+    ids: Sequence[int],
+    tokens: Sequence[str],
+    offsets: Sequence[tuple[int, int]],
+    unk_id: int | None,
+    special_ids: Iterable[int],
+) -> tuple[list[str], list[str]]:
+    """A subword tokenizer's reading of ``text``: the tokens it represents (other than special
+    and unknown tokens), and the pieces of ``text`` that became unknown tokens.
+
+    Args:
+        text: the text as tokenized (NFKC, as the towers tokenize it).
+        ids, tokens, offsets: the token ids, token strings and ``(start, end)`` character
+            offsets into ``text``, one each per token, without special tokens added.
+        unk_id: the unknown token's id (None: the tokenizer has none).
+        special_ids: ids of special tokens (the unknown token's id among them is ignored).
+    """
+    special = set(special_ids) - {unk_id}
+    known = [t for i, t in zip(ids, tokens) if i != unk_id and i not in special]
+    unknown = [text[s:e] for i, (s, e) in zip(ids, offsets) if i == unk_id]
+    return known, unknown
+
+
+def read_vocab_query(vocab: BowVocabulary | None, text: str) -> tuple[list[str], list[str]]:
+    """How a vocabulary tower reads ``text``: its words in ``vocab``, and those not in it.
+
+    Raises:
+        QueryError: there is no vocabulary (a dataset of bag-of-words vectors only).
+    """
+    if vocab is None:
+        raise QueryError(NO_WORD_LIST_MESSAGE)
+    return vocab.split_known(text)
 
 
 class BowVocabulary:

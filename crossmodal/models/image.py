@@ -22,12 +22,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from crossmodal.images import image_array
 from crossmodal.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -75,10 +75,7 @@ class ImageTower(nn.Module):
 
     def preprocess(self, img: Image.Image) -> torch.Tensor:
         """Resize (bilinear) to ``image_size`` square and normalise: RGB PIL -> ``[3, S, S]`` float."""
-        img = img.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
-        arr = np.asarray(img, dtype=np.float32) / 255.0
-        arr = (arr - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        return torch.from_numpy(image_array(img, self.image_size, self.mean, self.std))
 
     def blocks(self) -> list[nn.Module]:
         """The tower's trainable blocks, input to output (used by ``set_trainable``)."""

@@ -31,11 +31,12 @@ from crossmodal.text import (
     N_SPECIAL_IDS,
     PAD_ID,
     BowVocabulary,
-    QueryError,
-    check_not_empty,
-    check_query_words,
+    check_query,
     normalize_text,
+    read_vocab_query,
+    split_tokens,
     tokenize_words,
+    unknown_query_words,
 )
 
 logger = logging.getLogger(__name__)
@@ -91,15 +92,13 @@ class TextTower(nn.Module):
         """Raise ``QueryError`` when ``text`` cannot be encoded meaningfully: empty (only
         whitespace, control or zero-width characters), no word, or no word the tower knows.
 
-        Every tower runs this one check (``crossmodal.text.check_query_words``).
+        Every tower runs this one check (``crossmodal.text.check_query``).
         """
-        check_not_empty(text)
-        check_query_words(text, *self.read_query(text))
+        check_query(text, self.read_query)
 
     def unknown_words(self, text: str) -> list[str]:
         """The words of a usable query that the tower cannot represent (it answers from the others)."""
-        check_not_empty(text)
-        return list(dict.fromkeys(self.read_query(text)[1]))
+        return unknown_query_words(text, self.read_query)
 
 
 def create_text_tower(name: str, pretrained: bool = True, **options: Any) -> TextTower:
@@ -193,12 +192,7 @@ class VocabTextTower(TextTower):
         self._build(len(self.vocab))
 
     def read_query(self, text: str) -> tuple[list[str], list[str]]:
-        if self.vocab is None:
-            raise QueryError(
-                "this text model has no word list (its dataset ships bag-of-words vectors only), "
-                "so it cannot encode typed text"
-            )
-        return self.vocab.split_known(text)
+        return read_vocab_query(self.vocab, text)
 
 
 @register_text_tower("bow_mlp")
@@ -364,17 +358,16 @@ class HFTextTower(TextTower):
         text = normalize_text(text)
         tok = self.tokenizer
         unk = tok.unk_token_id
-        special = set(tok.all_special_ids) - {unk}
         enc = tok(text, add_special_tokens=False, truncation=True, max_length=self.max_length,
                   return_offsets_mapping=bool(tok.is_fast))  # fmt: skip
         ids = enc["input_ids"]
-        known = [t for i, t in zip(ids, tok.convert_ids_to_tokens(ids)) if i != unk and i not in special]
+        tokens = tok.convert_ids_to_tokens(ids)
         if "offset_mapping" in enc:
-            unknown = [text[s:e] for i, (s, e) in zip(ids, enc["offset_mapping"]) if i == unk]
-        else:  # a slow tokenizer gives no offsets: name the whitespace-separated words it cannot read
-            pieces = [(w, tok(w, add_special_tokens=False)["input_ids"]) for w in text.split()]
-            unknown = [w for w, w_ids in pieces if w_ids and all(i == unk for i in w_ids)]
-        return known, unknown
+            return split_tokens(text, ids, tokens, enc["offset_mapping"], unk, tok.all_special_ids)
+        # a slow tokenizer gives no offsets: name the whitespace-separated words it cannot read
+        known, _ = split_tokens(text, ids, tokens, [(0, 0)] * len(ids), unk, tok.all_special_ids)
+        pieces = [(w, tok(w, add_special_tokens=False)["input_ids"]) for w in text.split()]
+        return known, [w for w, w_ids in pieces if w_ids and all(i == unk for i in w_ids)]
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
         """Token batch from ``tokenize`` -> mean of the last hidden states over real tokens."""

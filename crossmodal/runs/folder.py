@@ -36,6 +36,7 @@ from filelock import FileLock, Timeout
 from crossmodal import RUN_FORMAT_VERSION, __version__
 from crossmodal.config import Config, load_config
 from crossmodal.io import atomic_path, sha256_file, write_json_atomic
+from crossmodal.runs.exported import EXPORT_FILES
 
 log = logging.getLogger(__name__)
 
@@ -177,11 +178,14 @@ def interrupted_hint(run_dir: str | os.PathLike[str]) -> str:
 
 def command_for(run_dir: str | os.PathLike[str], name: str) -> str:
     """The command that writes run file ``name`` again: index files by ``crossmodal index``,
-    evaluation by ``crossmodal eval``, the rest (the model) by ``rebuild_command``."""
+    evaluation by ``crossmodal eval``, exported encoders by ``crossmodal export``, the rest (the
+    model) by ``rebuild_command``."""
     if name in INDEX_FILES:
         return f"crossmodal index --run {run_dir}"
     if name.startswith("eval/"):
         return f"crossmodal eval --run {run_dir}"
+    if name in EXPORT_FILES:
+        return f"crossmodal export --run {run_dir}"
     return rebuild_command(run_dir)
 
 

@@ -1,4 +1,5 @@
-"""Serving a run folder: ``RetrievalEngine`` (model, indexes and store behind four search directions)."""
+"""Serving a run folder: ``RetrievalEngine`` (query encoders, indexes and store behind four search
+directions). Runs with exported ONNX encoders are served without torch (``serving.encoders``)."""
 
 from __future__ import annotations
 

@@ -18,8 +18,16 @@ every item tied with the k-th (``_tie_shortlist``). Runs with learned bit weight
 weighted Hamming distance first, over a shortlist of the 10k (at least 100) nearest, and
 report that distance.
 
-The engine only knows the run folder: it rebuilds the model from ``model.json`` and imports
-no training code (no objective, no trainer, no jobs).
+The engine only knows the run folder and imports no training code (no objective, no trainer,
+no jobs). Queries are encoded by the run's exported ONNX encoders when it has them (``crossmodal
+export``; no torch is imported then), else by its model rebuilt from ``model.json``: see
+``crossmodal.serving.encoders``. Both give the same codes and the same messages for bad queries.
+
+Threads are set on purpose: one query is encoded with ``encoder_threads`` (1) intra-op threads
+and searched with ``faiss_threads`` (1) FAISS threads; several queries at once are searched with
+``faiss_batch_threads`` (all cores), and flat indexes take ``query_batch_size`` queries per
+FAISS pass. FAISS' thread count belongs to the calling thread (OpenMP), so it is set on each
+search, in the thread that searches (an app answers from worker threads).
 """
 
 from __future__ import annotations
@@ -27,14 +35,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
-import torch
 from PIL import Image
 
 from crossmodal.codes import codes_to_hex, pack_codes, unpack_codes, weighted_hamming
@@ -42,13 +49,14 @@ from crossmodal.images import open_image
 from crossmodal.index import PAD_DISTANCE, BinaryIndex, IndexFileError
 from crossmodal.report import metric_rows
 from crossmodal.runs.folder import INDEX_FILES, JOURNAL, RunError, check_run, read_manifest, verify_files
-from crossmodal.runs.model import MODEL_SPEC, WEIGHTS, load_model, read_spec
+from crossmodal.serving.encoders import QueryEncoders, choose_backend, load_encoders, required_files
 from crossmodal.store import MetadataStore, StoreError
 from crossmodal.text import QueryError
 
 log = logging.getLogger(__name__)
 
 ImageInput = str | os.PathLike[str] | bytes | Image.Image
+ENCODE_BATCH = 256  # queries encoded at once (bounds the encoders' memory for large batches)
 
 
 @dataclass
@@ -82,57 +90,76 @@ class SearchResult:
 class RetrievalEngine:
     """Search a run folder written by ``crossmodal train`` and ``crossmodal index``."""
 
-    def __init__(self, run_dir: Path, model: Any, indexes: dict[str, BinaryIndex],
-                 store: MetadataStore, manifest: dict[str, Any]) -> None:  # fmt: skip
-        self.run_dir, self.model, self.indexes, self.store, self.manifest = (
+    def __init__(self, run_dir: Path, encoders: QueryEncoders, indexes: dict[str, BinaryIndex],
+                 store: MetadataStore, manifest: dict[str, Any], faiss_threads: int | None = 1,
+                 faiss_batch_threads: int | None = None) -> None:  # fmt: skip
+        self.run_dir, self.encoders, self.indexes, self.store, self.manifest = (
             run_dir,
-            model,
+            encoders,
             indexes,
             store,
             manifest,
         )
         self.bits = int(manifest["bits"])
-        weights = model.bit_weights
-        self.bit_weights = None if weights is None else weights.detach().cpu().numpy().astype(np.float64)
-        self._lock = threading.Lock()  # torch modules are not re-entrant across threads
+        self.bit_weights = encoders.bit_weights  # float64 [bits], or None
+        self.faiss_threads, self.faiss_batch_threads = faiss_threads, faiss_batch_threads
         # the most items past the k-th that one query fetches to complete a Hamming tie
         self.tie_fetch_limit = 4096
 
+    @property
+    def model(self) -> Any:
+        """The torch model of the torch back end (None when the exported encoders serve)."""
+        return getattr(self.encoders, "model", None)
+
+    @property
+    def backend(self) -> str:
+        """``"onnx"`` (exported encoders, no torch) or ``"torch"``."""
+        return self.encoders.backend
+
     @classmethod
     def load(
-        cls, run_dir: str | os.PathLike[str], mmap: bool = False, faiss_threads: int | None = 1
+        cls,
+        run_dir: str | os.PathLike[str],
+        mmap: bool = False,
+        *,
+        backend: str = "auto",
+        precision: str = "fp32",
+        encoder_threads: int | None = 1,
+        faiss_threads: int | None = 1,
+        faiss_batch_threads: int | None = None,
+        query_batch_size: int | None = 1000,
     ) -> RetrievalEngine:
         """Open a run; refuses, naming the difference, a run of another format or code length.
 
         Args:
             mmap: memory-map the indexes (read-only; saves memory for ``ivf`` indexes).
-            faiss_threads: FAISS threads per search. One query scans fast on one core, and
-                an app serves several queries at once; None keeps FAISS' default.
+            backend: ``"auto"`` (the exported encoders when the run has them, else torch),
+                ``"onnx"`` or ``"torch"``.
+            precision: ``"fp32"``, or ``"int8"`` for the quantised exported encoders.
+            encoder_threads: intra-op threads of the encoder (None: the library's default).
+                One query encodes fastest on one core, and an app serves several at once.
+            faiss_threads: FAISS threads for a single query (None: FAISS' default).
+            faiss_batch_threads: FAISS threads for several queries at once (None: FAISS' default,
+                every core).
+            query_batch_size: queries per FAISS pass of a flat index (None: FAISS' default, 32);
+                larger passes cut the threads' overhead on batches.
 
         Raises:
             RunError: a file is missing, damaged, of another version, code length or model, or
                 differs from the checksums in the manifest; the message says what to re-run.
         """
-        import faiss
-
-        if faiss_threads:
-            faiss.omp_set_num_threads(faiss_threads)
-
         run_dir = Path(run_dir)
-        need = (WEIGHTS, MODEL_SPEC, "image.index", "text.index", "store.sqlite")
         manifest = read_manifest(run_dir) if run_dir.is_dir() else {}
         listed = manifest.get("files", {}) if isinstance(manifest.get("files"), dict) else {}
         checked = (*[n for n in listed if not n.startswith("eval/")], *INDEX_FILES)
+        backend = choose_backend(manifest, backend)
+        need = (*required_files(backend), "image.index", "text.index", "store.sqlite")
         # After an interrupted update, say so before any file-specific complaint.
         manifest = check_run(run_dir, need=need, verify=checked if (run_dir / JOURNAL).exists() else ())
-        spec = read_spec(run_dir)
-        _check_spec(run_dir, spec.bits, manifest)
-        model = load_model(run_dir)
-        # the engine only encodes: batch norms folded (as when the features were cached)
-        model.image_tower = model.image_tower.for_inference()
+        encoders = load_encoders(run_dir, manifest, backend, encoder_threads, precision)
         try:  # one error type (RunError) for every broken part of a run folder
             indexes = {
-                m: BinaryIndex.load(run_dir / f"{m}.index", mmap=mmap, expected_bits=spec.bits)
+                m: BinaryIndex.load(run_dir / f"{m}.index", mmap=mmap, expected_bits=encoders.bits)
                 for m in ("image", "text")
             }
             store = MetadataStore.open(run_dir / "store.sqlite")
@@ -145,11 +172,13 @@ class RetrievalEngine:
                     f"{indexes['image'].ntotal}; re-run: crossmodal index --run {run_dir}"
                 )
             # a replaced file may still load: compare the checksums of every file the engine reads
-            verify_files(run_dir, manifest, (WEIGHTS, MODEL_SPEC, *spec.tower_files, *INDEX_FILES))
+            verify_files(run_dir, manifest, (*encoders.files, *INDEX_FILES))
         except RunError:
             store.close()
             raise
-        return cls(run_dir, model, indexes, store, manifest)
+        for index in indexes.values():
+            set_query_batch_size(index, query_batch_size)
+        return cls(run_dir, encoders, indexes, store, manifest, faiss_threads, faiss_batch_threads)
 
     # -- encoding ---------------------------------------------------------------------------
     def encode_texts(self, queries: list[str], binarize: bool = True) -> np.ndarray:
@@ -160,10 +189,8 @@ class RetrievalEngine:
             ``float32 [n, bits]`` (after the model's output activation, before the sign).
         """
         for q in queries:
-            self.model.text_tower.check_query(q)
-        with self._lock, torch.no_grad():
-            batch = self.model.text_tower.tokenize([q.strip() for q in queries])
-            codes = self.model.encode_text(batch).float().numpy()
+            self.encoders.check_query(q)
+        codes = self._encode(self.encoders.encode_texts, [q.strip() for q in queries])
         return pack_codes(codes) if binarize else codes  # pack_codes signs as binarize=True does
 
     def encode_images(self, images: list[ImageInput], binarize: bool = True) -> np.ndarray:
@@ -172,11 +199,13 @@ class RetrievalEngine:
         Returns:
             As ``encode_texts``: packed ``uint8 [n, bits/8]`` or continuous ``float32 [n, bits]``.
         """
-        tower = self.model.image_tower
-        x = torch.stack([tower.preprocess(open_image(img)) for img in images])
-        with self._lock, torch.no_grad():
-            codes = self.model.encode_image(x).float().numpy()
+        codes = self._encode(self.encoders.encode_images, [open_image(img) for img in images])
         return pack_codes(codes) if binarize else codes
+
+    def _encode(self, encode: Any, inputs: list[Any]) -> np.ndarray:
+        """``encode`` over ``inputs`` in batches of ``ENCODE_BATCH`` -> ``float32 [n, bits]``."""
+        parts = [encode(inputs[s : s + ENCODE_BATCH]) for s in range(0, len(inputs), ENCODE_BATCH)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.bits), np.float32)
 
     # -- searching ---------------------------------------------------------------------------
     def _search(
@@ -195,6 +224,8 @@ class RetrievalEngine:
         if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         k = min(int(k), max(index.ntotal, 1))
+        threads = self.faiss_threads if len(packed) == 1 else self.faiss_batch_threads
+        faiss.omp_set_num_threads(int(threads or _default_threads()))  # this thread's OpenMP setting
         if continuous is None:
             continuous = unpack_codes(packed, self.bits).astype(np.float32)
         # weighted runs re-rank a Hamming shortlist, since weighted and plain order differ
@@ -311,14 +342,14 @@ class RetrievalEngine:
             "image_tower": m.get("image_tower"), "text_tower": m.get("text_tower"), "loss": m.get("loss"),
             "bits": self.bits, "index": m.get("index", {}).get("kind"),
             "items": self.indexes["image"].ntotal, "texts": self.indexes["text"].ntotal,
-            "weighted": self.bit_weights is not None,
+            "weighted": self.bit_weights is not None, "encoders": self.backend,
         }  # fmt: skip
 
     def ignored_words(self, query: str) -> list[str]:
         """Words of a usable ``query`` that the text tower cannot represent (out of its vocabulary,
         or unknown tokens of a transformer), and so ignores; empty for an unusable query."""
         try:
-            return self.model.text_tower.unknown_words(query)
+            return self.encoders.unknown_words(query)
         except QueryError:
             return []
 
@@ -362,13 +393,24 @@ class RetrievalEngine:
         self.store.close()
 
 
-def _check_spec(run_dir: Path, bits: int, manifest: dict[str, Any]) -> None:
-    """Refuse a model.json that names another code length than the trained run's manifest."""
-    if bits != manifest.get("bits"):
-        raise RunError(
-            f"{run_dir}: code length differs: {MODEL_SPEC} says {bits} bits, "
-            f"manifest.json {manifest.get('bits')} bits; re-run crossmodal train and index"
-        )
+def set_query_batch_size(index: BinaryIndex, size: int | None) -> None:
+    """Let a flat index's FAISS search take ``size`` queries per pass (other kinds have no such
+    setting; None leaves FAISS' default)."""
+    raw = index.faiss_index
+    if not size or raw is None:
+        return
+    inner = faiss.downcast_IndexBinary(raw.index) if hasattr(raw, "index") else raw  # inside an IDMap
+    if hasattr(inner, "query_batch_size"):
+        inner.query_batch_size = int(size)
+
+
+def _default_threads() -> int:
+    """FAISS' own thread count, which a thread that set another cannot read back: OMP_NUM_THREADS,
+    else every core."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return os.cpu_count() or 1
 
 
 def _tie_shortlist(
