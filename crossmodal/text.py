@@ -96,11 +96,13 @@ def check_not_empty(text: str) -> None:
         raise QueryError(EMPTY_QUERY_MESSAGE)
 
 
-def name_words(words: Iterable[str]) -> str:
-    """Words for a message: the first ``MAX_NAMED_WORDS`` distinct ones, and how many more."""
+def name_words(words: Iterable[str], max_chars: int = 40) -> str:
+    """Words for a message: the first ``MAX_NAMED_WORDS`` distinct ones, each cut to
+    ``max_chars`` characters (a 5,000-letter word is not repeated whole), and how many more."""
     unique = list(dict.fromkeys(words))
     more = len(unique) - MAX_NAMED_WORDS
-    return ", ".join(unique[:MAX_NAMED_WORDS]) + (f" and {more} more" if more > 0 else "")
+    shown = [w if len(w) <= max_chars else w[:max_chars] + "..." for w in unique[:MAX_NAMED_WORDS]]
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
 def check_query_words(text: str, known: list[str], unknown: list[str]) -> None:
@@ -115,16 +117,19 @@ def check_query_words(text: str, known: list[str], unknown: list[str]) -> None:
 
     Raises:
         QueryError: the query is empty (``EMPTY_QUERY_MESSAGE``), has no word at all, or
-            none of its words is known (they are named). A query with some unknown words
-            passes; the engine names them as ignored.
+            none of its words is known: the same message, then what the model saw (the
+            words are named). A query with some unknown words passes; the engine names them
+            as ignored.
     """
     check_not_empty(text)
     if known:
         return
+    # to the model these are empty queries too: the same message, then what it saw
     if not unknown:
         shown = text if len(text) <= 40 else text[:40] + "..."
-        raise QueryError(f"the text query {shown!r} has no words (letters or digits)")
-    raise QueryError(f"none of the query's words are in the model's vocabulary: {name_words(unknown)}")
+        raise QueryError(f"{EMPTY_QUERY_MESSAGE} (to the model: {shown!r} has no words, letters or digits)")
+    raise QueryError(f"{EMPTY_QUERY_MESSAGE} (to the model: none of the query's words are in the model's "
+                     f"vocabulary: {name_words(unknown)})")  # fmt: skip
 
 
 def check_query(text: str, read_query: QueryReader) -> None:

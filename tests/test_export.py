@@ -384,7 +384,7 @@ import crossmodal.app as app
 engine = app.load_engine({str(run)!r})
 for tab, query in zip(app.TABS, ["red", {str(image)!r}, {str(image)!r}, "blue star"]):
     assert not isinstance(app.run_search(engine, tab, query, 3), str)
-assert app.run_search(engine, app.TABS[0], "zebra", 3).startswith("none of the query")
+assert "none of the query" in app.run_search(engine, app.TABS[0], "zebra", 3)
 print("LOADED", sorted(m for m in sys.modules if m.split(".")[0] in {NOT_LOADED[:3]!r}
                        or m.startswith({NOT_LOADED[3:]!r})))
 """

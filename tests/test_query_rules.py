@@ -29,7 +29,7 @@ def reader(known: list[str], unknown: list[str]):
         ("", [], [], f"^{re.escape(EMPTY_QUERY_MESSAGE)}$"),
         ("\u200b\ufeff", ["x"], [], f"^{re.escape(EMPTY_QUERY_MESSAGE)}$"),  # blank before the tower is asked
         ("!!!", [], [], "has no words"),
-        ("zebra 🍎", [], ["zebra", "🍎"], "vocabulary: zebra, 🍎$"),
+        ("zebra 🍎", [], ["zebra", "🍎"], "vocabulary: zebra, 🍎\\)$"),
     ],
 )
 def test_check_query_refuses_with_one_message_per_case(text, known, unknown, message):
@@ -56,3 +56,20 @@ def test_a_vocabulary_tower_reads_its_words_or_refuses_without_a_word_list():
     assert read_vocab_query(vocab, "Red zebra star") == (["red", "star"], ["zebra"])
     with pytest.raises(QueryError, match=f"^{re.escape(NO_WORD_LIST_MESSAGE)}$"):
         read_vocab_query(None, "red")
+
+
+@pytest.mark.parametrize(("text", "known", "unknown"), [("", [], []), ("!!!", [], []), ("zebra", [], ["zebra"])])
+def test_every_unusable_query_gets_the_empty_query_message(text, known, unknown):
+    """A query none of whose tokens the tower can represent is, to the model, an empty query:
+    the same message, then what the model saw."""
+    with pytest.raises(QueryError) as err:
+        check_query(text, reader(known, unknown))
+    assert str(err.value).startswith(EMPTY_QUERY_MESSAGE)
+
+
+def test_a_refused_long_word_is_not_repeated_whole():
+    # reported against search front ends: a pasted 5,000-character string echoed back in full
+    word = "x" * 5000
+    with pytest.raises(QueryError) as err:
+        check_query(word, reader([], [word]))
+    assert len(str(err.value)) < 200 and "x" * 40 + "..." in str(err.value)
