@@ -326,6 +326,29 @@ def test_adding_a_folder_with_an_uncaptioned_image_to_a_run(tiny_run_copy, tmp_p
         engine.close()
 
 
+@pytest.mark.parametrize("caption", ["\u0301\u0308\u0302", "\U0001F600\U0001F431"])
+def test_a_caption_the_model_cannot_read_is_not_indexed(tiny_run_copy, tmp_path, caption):
+    # reported against caption datasets: captions of only combining marks or only emoji came
+    # back as image -> captions hits; to the model they are empty, like an empty query
+    from crossmodal.jobs.index import add_to_run
+    from crossmodal.serving import RetrievalEngine
+
+    folder = tmp_path / "new"
+    png(folder, "marks.png", BLUE)
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "marks.png", "text": caption}) + "\n")
+    engine = RetrievalEngine.load(tiny_run_copy)
+    n_items, n_texts = engine.indexes["image"].ntotal, engine.indexes["text"].ntotal
+    engine.close()
+    add_to_run(tiny_run_copy, str(folder), progress=False)
+    engine = RetrievalEngine.load(tiny_run_copy)
+    try:  # the image is added and findable; its unreadable caption is not a text entry
+        assert engine.indexes["image"].ntotal == n_items + 1 and engine.indexes["text"].ntotal == n_texts
+        hits = engine.search_image(Image.new("RGB", (16, 16), BLUE), k=n_texts).hits
+        assert caption not in {h.caption for h in hits}
+    finally:
+        engine.close()
+
+
 # -- 4. duplicate ids --------------------------------------------------------------------------------
 def test_coco_duplicate_image_ids_are_refused(tmp_path):
     # reported against COCO loaders: two image entries sharing "id": 3 loaded as two items with id "3"

@@ -25,6 +25,7 @@ import sqlite3
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,21 +47,49 @@ from crossmodal.runs.folder import RunError, RunUpdate, check_run, lock_run, rec
 from crossmodal.runs.model import load_model
 from crossmodal.runs.state import INDEX_PARTS
 from crossmodal.store import MetadataStore, StoreError
+from crossmodal.text import QueryError
 
 log = logging.getLogger(__name__)
 
 THUMB_SIDE = 256
 
 
+def readable_by(tower: Any) -> Callable[[str], bool]:
+    """Whether ``tower`` represents a caption at all: the query check of the towers
+    (``check_query``) on database captions, so that a caption the model cannot read (only
+    combining marks; only emoji for a bag-of-words vocabulary) is never indexed and returned."""
+    check = getattr(tower, "check_query", None)
+
+    def readable(text: str) -> bool:
+        if check is None:
+            return True
+        try:
+            check(text)
+        except QueryError:
+            return False
+        return True
+
+    return readable
+
+
 def text_units(
-    dataset: CrossModalDataset, indices: np.ndarray, first_text_id: int = 0
-) -> list[dict[str, Any]]:
+    dataset: CrossModalDataset, indices: np.ndarray, first_text_id: int = 0,
+    readable: Callable[[str], bool] | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
     """Text entries of ``indices``: one per item (labelled data) or one per caption.
 
     An item without a caption (and without bag-of-words text) gets no entry: it is an
-    image-only item, found by images, never returned as an empty caption.
+    image-only item, found by images, never returned as an empty caption. With
+    ``readable`` (``readable_by``), captions it refuses count as no caption; how many is logged.
     """
     caps = dataset.captions_of(indices)
+    if readable is not None and not dataset.info.bow_dim:
+        kept = [[c for c in captions if readable(c)] for captions in caps]
+        dropped = sum(len(a) - len(b) for a, b in zip(caps, kept, strict=True))
+        if dropped:
+            log.warning("%d captions that the model cannot read (no word it represents) are not indexed; "
+                        "their items stay findable by image", dropped)  # fmt: skip
+        caps = kept
     out: list[dict[str, Any]] = []
     per_caption = dataset.info.relevance == RELEVANCE_IMAGE
     next_id = first_text_id
@@ -167,7 +196,7 @@ def _index(run_dir: Path, kind: str | None, params: dict[str, Any] | None, progr
     # query/database split and encodes it itself, so a user's whole collection is searchable
     served = np.arange(len(dataset), dtype=np.int64)
     db = without_keys(dataset, served, previous.get("removed_keys") or [])
-    units = text_units(dataset, db)
+    units = text_units(dataset, db, readable=readable_by(model.text_tower))
     per_caption = dataset.info.relevance == RELEVANCE_IMAGE
     text_ids = np.array([u["text_id"] for u in units], dtype=np.int64)
     added = stored_additions(run_dir, data.manifest, served, text_ids)
@@ -406,7 +435,7 @@ def _add(run_dir: Path, source: str, options: dict[str, Any], progress: bool) ->
     )
     item_ids = first_item + np.arange(positions.size)
     new_id = dict(zip(positions.tolist(), item_ids.tolist()))
-    units = text_units(dataset, positions)
+    units = text_units(dataset, positions, readable=readable_by(model.text_tower))
     for j, u in enumerate(units):
         u["item_id"] = new_id[u["item_id"]]
         u["text_id"] = first_text + j if per_caption else u["item_id"]
