@@ -110,7 +110,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int = 0  # 0: torch's default
     feature_batch_size: int = 64
-    cache_dir: str = ".cache/crossmodal/features"
+    # frozen towers' features; null: "features" in the user cache folder (crossmodal.io.cache_home)
+    cache_dir: str | None = None
     checkpoint_every: int = 5  # epochs; the last epoch is always checkpointed
     # keep <run>/checkpoint/ once training has finished (to --resume it for more epochs later);
     # by default it is removed with the run complete

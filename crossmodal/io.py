@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import platformdirs
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], fsync: bool = True) -> Iterator[Path]:
@@ -87,3 +89,28 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+HOME_ENV = "CROSSMODAL_HOME"
+DATA_DIR_ENV = "CROSSMODAL_DATA_DIR"
+
+
+def cache_home() -> Path:
+    """Where crossmodal keeps what it can rebuild (built datasets, tower feature caches):
+    ``$CROSSMODAL_HOME``, else the platform's user cache folder (``platformdirs``;
+    ``~/.cache/crossmodal`` on Linux, ``~/Library/Caches/crossmodal`` on macOS,
+    ``%LOCALAPPDATA%\\crossmodal\\Cache`` on Windows). One place, whatever the working folder."""
+    home = os.environ.get(HOME_ENV)
+    return Path(home) if home else Path(platformdirs.user_cache_dir("crossmodal", appauthor=False))
+
+
+def built_data_dir() -> Path:
+    """Where built datasets are cached: ``$CROSSMODAL_DATA_DIR``, else ``cache_home() / "data"``."""
+    explicit = os.environ.get(DATA_DIR_ENV)
+    return Path(explicit) if explicit else cache_home() / "data"
+
+
+def feature_cache_dir(configured: str | os.PathLike[str] | None) -> Path:
+    """The folder of the tower feature cache: ``train.cache_dir`` when a recipe sets it, else
+    ``cache_home() / "features"``."""
+    return Path(configured) if configured else cache_home() / "features"

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# Built datasets and feature caches default to the user's cache folder: a test run keeps its
+# own, so that it neither reads a user's nor leaves files in it (subprocesses inherit it).
+os.environ["CROSSMODAL_HOME"] = tempfile.mkdtemp(prefix="crossmodal-test-home-")
 
 
 def folder_state(folder: Path) -> dict[str, tuple[int, int]]:

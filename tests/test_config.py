@@ -147,3 +147,24 @@ def test_recipes_load_by_name_from_any_folder(tmp_path, monkeypatch):
 
 def test_the_packaged_recipes_are_the_configs_folder():
     assert (ROOT / "crossmodal" / "configs").resolve() == (ROOT / "configs").resolve()
+
+
+def test_built_data_and_feature_caches_live_in_one_place_whatever_the_folder(tmp_path, monkeypatch):
+    """A user who runs eval or index --add from another folder finds what was built before,
+    and nothing is written next to their files."""
+    from crossmodal.data import data_dir
+    from crossmodal.io import cache_home, feature_cache_dir
+
+    monkeypatch.delenv("CROSSMODAL_DATA_DIR", raising=False)
+    monkeypatch.setenv("CROSSMODAL_HOME", str(tmp_path / "home"))
+    for here in (tmp_path / "a", tmp_path / "b"):
+        here.mkdir()
+        monkeypatch.chdir(here)
+        assert data_dir() == tmp_path / "home" / "data"
+        assert feature_cache_dir(None) == tmp_path / "home" / "features"
+    assert feature_cache_dir("mine") == Path("mine")  # a recipe's own cache_dir wins
+    monkeypatch.setenv("CROSSMODAL_DATA_DIR", str(tmp_path / "d"))
+    assert data_dir() == tmp_path / "d"
+    monkeypatch.delenv("CROSSMODAL_HOME")
+    assert cache_home().name.lower() in ("crossmodal", "cache") and cache_home().is_absolute()
+    assert Config().train.cache_dir is None

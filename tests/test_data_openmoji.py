@@ -170,9 +170,10 @@ def test_summary_mentions_the_numbers(built) -> None:
 
 
 def test_default_out_dir(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    monkeypatch.delenv(om.DATA_DIR_ENV, raising=False)
-    assert str(om.default_out_dir(128)) == "data/built/openmoji-128"
-    monkeypatch.setenv(om.DATA_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv("CROSSMODAL_DATA_DIR", raising=False)
+    monkeypatch.setenv("CROSSMODAL_HOME", str(tmp_path / "home"))
+    assert om.default_out_dir(128) == tmp_path / "home" / "data" / "openmoji-128"
+    monkeypatch.setenv("CROSSMODAL_DATA_DIR", str(tmp_path))
     assert om.default_out_dir(64, limit=10) == tmp_path / "openmoji-64-limit10"
 
 

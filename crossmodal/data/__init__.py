@@ -24,7 +24,7 @@ from crossmodal.data.records import (
     build_guard,
     make_record,
 )
-from crossmodal.io import write_json_atomic
+from crossmodal.io import built_data_dir, write_json_atomic
 from crossmodal.registry import Registry
 
 DATASETS: Registry[CrossModalDataset] = Registry("dataset")
@@ -62,8 +62,9 @@ SELF_CACHING = {"openmoji"}
 
 
 def data_dir() -> Path:
-    """Where built datasets are cached: ``$CROSSMODAL_DATA_DIR``, default ``data/built``."""
-    return Path(os.environ.get("CROSSMODAL_DATA_DIR", "data/built"))
+    """Where built datasets are cached: ``$CROSSMODAL_DATA_DIR``, else ``data/`` in the user
+    cache folder (``crossmodal.io.cache_home``), found again from any working folder."""
+    return built_data_dir()
 
 
 def open_dataset(name: str, options: dict[str, Any] | None = None) -> CrossModalDataset:

@@ -46,8 +46,8 @@ Default protocol (``info.protocol``): about 10 % of the items as queries (at mos
 ``MAX_QUERIES``), and the whole remaining database as the training pool; the split itself
 is made by ``crossmodal.data.splits.make_splits``, which keeps groups together.
 
-The built dataset is cached in ``out_dir`` (default ``data/built/openmoji-<size>``, or
-``$CROSSMODAL_DATA_DIR/openmoji-<size>``, with ``-limit<n>`` / ``-include<hash>`` added
+The built dataset is cached in ``out_dir`` (default ``<built data>/openmoji-<size>``, the
+folder ``crossmodal.io.built_data_dir`` names, with ``-limit<n>`` / ``-include<hash>`` added
 for sliced builds); a later call whose options and package versions match
 ``info.source`` loads it instead of rebuilding. Builds are written to a temporary folder
 and renamed into place, so an interrupted build never looks complete; the next build
@@ -76,12 +76,11 @@ from tqdm.auto import tqdm
 
 from crossmodal.data import register_dataset
 from crossmodal.data.records import CrossModalDataset, DatasetInfo, build_guard, make_features, make_record
+from crossmodal.io import built_data_dir
 
 logger = logging.getLogger(__name__)
 
 BUILDER_VERSION = 1
-DATA_DIR_ENV = "CROSSMODAL_DATA_DIR"
-DEFAULT_DATA_DIR = Path("data") / "built"
 
 MIN_TOKEN_LEN = 3
 MIN_WORD_GROUPS = 3
@@ -427,7 +426,7 @@ def summary(dataset: CrossModalDataset) -> str:
 
 # -- the builder -----------------------------------------------------------------------------
 def default_out_dir(size: int, limit: int | None = None, include: Sequence[str] | None = None) -> Path:
-    """``$CROSSMODAL_DATA_DIR`` (or ``data/built``) / ``openmoji-<size>[-limit<n>][-include<hash>]``."""
+    """``crossmodal.io.built_data_dir()`` / ``openmoji-<size>[-limit<n>][-include<hash>]``."""
     import hashlib
 
     name = f"openmoji-{size}"
@@ -435,7 +434,7 @@ def default_out_dir(size: int, limit: int | None = None, include: Sequence[str] 
         name += f"-limit{limit}"
     if include is not None:
         name += "-include" + hashlib.sha256("\n".join(sorted(include)).encode()).hexdigest()[:8]
-    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR) / name
+    return built_data_dir() / name
 
 
 def _package_version(name: str) -> str:

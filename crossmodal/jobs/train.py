@@ -52,7 +52,7 @@ from crossmodal.fit import (
     trainable_state,
     validate,
 )
-from crossmodal.io import atomic_path, write_json_atomic
+from crossmodal.io import atomic_path, feature_cache_dir, write_json_atomic
 from crossmodal.losses import LOSSES, create_loss, list_losses
 from crossmodal.models.clip import NEUTRAL_TEXTS
 from crossmodal.models.hasher import TwoTowerHasher
@@ -271,7 +271,7 @@ def prepare_inputs(
             requests.append(FeatureRequest(m, tower, tower_description(cfg, m, training=True)))
         elif cfg.train.trainable_blocks is not None and getattr(tower, "pretrained", False):
             tower.set_trainable(cfg.train.trainable_blocks)
-    cache, fbs = cfg.train.cache_dir, cfg.train.feature_batch_size
+    cache, fbs = feature_cache_dir(cfg.train.cache_dir), cfg.train.feature_batch_size
     cached = extract_all(dataset, requests, cache, fbs, torch.device(device), True, progress)
     out = {}
     for m, tower in towers.items():

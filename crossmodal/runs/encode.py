@@ -22,6 +22,7 @@ from crossmodal.config import Config
 from crossmodal.data import CrossModalDataset, open_dataset
 from crossmodal.data.splits import Splits
 from crossmodal.features import FeatureRequest, ModalityInputs, extract_all, join_captions, tower_description
+from crossmodal.io import feature_cache_dir
 from crossmodal.models.hasher import TwoTowerHasher
 from crossmodal.models.image import CachedTrunk, create_image_tower
 from crossmodal.models.text import create_text_tower
@@ -84,7 +85,7 @@ def dataset_features(
         trunk = CachedTrunk(model.image_tower, data.cfg.train.partial_blocks)
         requests.append(FeatureRequest("image", trunk, tower_description(data.cfg, "image")))
     train = data.cfg.train
-    feats = extract_all(dataset, requests, train.cache_dir, train.feature_batch_size, progress=progress)
+    feats = extract_all(dataset, requests, feature_cache_dir(train.cache_dir), train.feature_batch_size, progress=progress)
     return {"image": feats.get("image"), "text": feats.get("text")}
 
 
@@ -124,7 +125,7 @@ def zero_shot_features(data: RunData, model: TwoTowerHasher,
         towers[m].set_trainable(0)
         requests.append(FeatureRequest(m, towers[m], desc))
     train = data.cfg.train
-    out.update(extract_all(data.dataset, requests, train.cache_dir, train.feature_batch_size, progress=False))
+    out.update(extract_all(data.dataset, requests, feature_cache_dir(train.cache_dir), train.feature_batch_size, progress=False))
     return ZeroShot({m: out[m] for m in MODALITIES}, towers["text"].eval())
 
 
