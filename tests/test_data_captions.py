@@ -339,3 +339,20 @@ def test_an_option_the_builder_does_not_take_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"does not take the option\(s\) n_query; its options: root"):
         create_dataset("imagefolder", root=str(tmp_path), n_query=5)
     assert main(["data-info", "imagefolder", "--root", str(tmp_path), "-o", "n_query=5"]) == 2
+
+
+def test_a_build_shows_none_of_the_datasets_librarys_own_bars(tmp_path, capfd):
+    """An add of a few images prints what it added, not "Generating train split" and
+    "Saving the dataset" bars of the storage library underneath."""
+    import datasets
+
+    from crossmodal.data import open_dataset
+
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": f"{i}.png", "text": f"tile {i}"}) + "\n" for i in range(3)))  # fmt: skip
+    assert len(open_dataset("imagefolder", {"root": str(tmp_path)})) == 3
+    err = capfd.readouterr().err
+    assert "Generating" not in err and "Saving the dataset" not in err
+    assert datasets.is_progress_bar_enabled()  # given back as it was

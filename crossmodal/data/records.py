@@ -58,6 +58,19 @@ RELEVANCE_IMAGE = "image"  # relevant only to the same item (captions-only datas
 BUILD_LOCK = ".build.lock"
 MAX_NAMED_IDS = 10
 
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """``datasets``' own progress bars off for a while ("Generating train split", "Saving the
+    dataset"): the builders show one bar of their own, and an add of 20 images shows none."""
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was:
+            datasets.enable_progress_bars()
+
+
 
 class EmptyDatasetError(ValueError):
     """A build in which no row survived; the builder's message says why."""
@@ -236,9 +249,10 @@ class CrossModalDataset:
                 yield row
 
         try:
-            table = datasets.Dataset.from_generator(
-                counted, features=features, cache_dir=cache_dir, fingerprint=fingerprint
-            )
+            with quiet_datasets():
+                table = datasets.Dataset.from_generator(
+                    counted, features=features, cache_dir=cache_dir, fingerprint=fingerprint
+                )
         except ValueError:
             if seen[0] == 0:
                 message = f"dataset {info.name!r}: no usable item; every row was left out"
@@ -250,7 +264,7 @@ class CrossModalDataset:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``path/arrow`` and ``path/info.json`` atomically (all or nothing)."""
         path = Path(path)
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path) as tmp, quiet_datasets():
             self.table.save_to_disk(str(tmp / "arrow"))
             write_json_atomic(tmp / "info.json", asdict(self.info))
         return path
