@@ -244,9 +244,12 @@ def fit(
     feats = {m: None if src.item_features is None else src.item_features[torch.as_tensor(train)]
              for m, src in data.inputs.items()}  # fmt: skip
     state = TrainState()
-    if loss.init_heads(model, feats):
-        state.best_state = trainable_state(model, loss, frozen)
+    if loss.init_heads(model, feats):  # training-free: the heads are final; validated once
         model.set_bit_weights(loss.bit_weights())
+        record = {"epoch": 0, **validate(model, loss, data, device)}
+        state.history.append(record)
+        state.best_score, state.best_epoch = record.get("val_map", -1.0), 0
+        state.best_state = trainable_state(model, loss, frozen)
         return state
     buffers = {m: encode_all(model, data.inputs[m], train, m, device) for m in MODALITIES}
     B = loss.update_codes(buffers["image"], buffers["text"])

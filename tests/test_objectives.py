@@ -270,3 +270,15 @@ def test_training_prints_an_estimate_after_its_first_epoch(capsys):
     out = capsys.readouterr()
     lines = [ln for ln in (out.out + out.err).splitlines() if "s an epoch; about" in ln]
     assert len(lines) == 1 and "left for 2 more" in lines[0]
+
+
+def test_a_training_free_method_is_validated_too():
+    """So that a validation search can choose among its settings (LSH's trials were all -1)."""
+    rng = np.random.default_rng(4)
+    x = torch.tensor(rng.normal(size=(40, 12)), dtype=torch.float32)
+    labels = np.eye(2, dtype=np.uint8)[np.arange(40) % 2]
+    model = TwoTowerHasher(Features(12), Features(12), 8)
+    data = TrainData({"image": TensorInputs(x), "text": TensorInputs(x)}, np.arange(32), labels,
+                     val=np.arange(32, 40))  # fmt: skip
+    state = fit(model, create_loss("lsh"), data, FitOptions(epochs=3))
+    assert 0.0 <= state.best_score <= 1.0 and state.history[0]["val_map"] == state.best_score

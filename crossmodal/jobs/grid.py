@@ -268,15 +268,17 @@ def _search_row(method: str, trials: list[dict[str, Any]], tried: list[dict[str,
 
 
 def _search_report(rows: list[dict[str, Any]], out: Path, title: str) -> Path:
-    def cell(v: Any) -> str:
-        return f"{v['mean']:.3f} ± {v['std']:.3f}" if isinstance(v, dict) and "mean" in v else ""
+    def cell(v: Any, digits: int = 3) -> str:
+        return f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}" if isinstance(v, dict) and "mean" in v else ""
 
     def settings(s: dict[str, Any]) -> str:
         return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()) or "defaults"
 
-    cols = ["map_i2t", "map_t2i", "map_i2i", "map_t2t"]
-    ndcg = sorted({k for r in rows for k in r if k.startswith("ndcg@")})
-    head = ["method", "chosen (validation mAP of the 4 trials)", *cols, *ndcg, "keyword P@10", "train s"]
+    order = ("i2t", "t2i", "i2i", "t2t")
+    cols = [f"map_{d}" for d in order]
+    ndcg = sorted({k for r in rows for k in r if k.startswith("ndcg@")}, key=lambda k: order.index(k[-3:]))
+    head = ["method", "chosen (validation mAP of the 4 trials)", *(f"{c[4:]} mAP" for c in cols),
+            *(f"{c[-3:]} NDCG@{c[5:-4]}" for c in ndcg), "keyword P@10", "train s"]
     lines = [f"# {title}\n", "Mean ± standard deviation over the seeds; mAP with stable ranking on the "
              "query split; NDCG graded by shared labels; keyword P@10 over the whole database.\n",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
@@ -284,7 +286,7 @@ def _search_report(rows: list[dict[str, Any]], out: Path, title: str) -> Path:
         trials = " / ".join(f"{t['val_map']:.3f}" for t in r["trials"])
         lines.append("| " + " | ".join([
             r["method"], f"{settings(r['chosen'])} ({trials})", *(cell(r.get(c)) for c in cols),
-            *(cell(r.get(c)) for c in ndcg), cell(r.get("keyword_p@10")), cell(r["train_time_s"]),
+            *(cell(r.get(c)) for c in ndcg), cell(r.get("keyword_p@10")), cell(r["train_time_s"], 1),
         ]) + " |")  # fmt: skip
     path = out / "search.md"
     write_text_atomic(path, "\n".join(lines) + "\n")
