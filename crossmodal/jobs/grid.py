@@ -211,7 +211,8 @@ def run_search(recipe: str, methods: list[str], bits: int, out_dir: str | os.Pat
                overrides: list[str] | None = None, seeds: tuple[int, ...] = SEEDS) -> Path:  # fmt: skip
     """The fair protocol: every method gets the same small validation search over its own
     main settings (``search_trials``, same recipe, epochs and optimiser), the setting with
-    the best validation mAP is kept, and it is trained with ``seeds`` (train.seed) and
+    the best validation mAP is kept, and it is trained with ``seeds`` (``train.seed``, and
+    the loss's own ``seed`` for methods that sample triplets or draw hyperplanes) and
     evaluated on the query split: mean and spread. Finished cells are recorded in
     ``<out>/search.json`` and skipped on a re-run. Writes ``<out>/search.md`` and returns it.
     """
@@ -225,9 +226,15 @@ def run_search(recipe: str, methods: list[str], bits: int, out_dir: str | os.Pat
         loss, _ = split_method(method)
         trials = search_trials(loss, bits)
 
+        # a method that draws its own samples or hyperplanes (its ``seed``) is reseeded too
+        list_losses()
+        own_seed = "seed" in inspect.signature(LOSSES.get(loss).__init__).parameters
+
         def cell(key: str, settings: dict[str, Any], seed: int, evaluate: bool, name: str) -> dict[str, Any]:
             if key not in done:
                 extra = [f"loss.params.{k}={v}" for k, v in settings.items()] + [f"train.seed={seed}"]
+                if own_seed and seed != seeds[0]:
+                    extra.append(f"loss.params.seed={seed}")
                 done[key] = {**run_cell(recipe, method, bits, out, [*user, *extra], True, name, evaluate),
                              "settings": settings}  # fmt: skip
                 write_json_atomic(done_file, done)
