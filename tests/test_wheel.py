@@ -1,14 +1,20 @@
-"""``crossmodal serve`` from a built wheel, not from the checkout.
+"""The package as a built wheel, not as the checkout.
 
 The wheel is built from a copy of the packaging inputs (``pyproject.toml``, ``README.md``,
-``crossmodal/``), so that the build writes nothing into the shared checkout, and installed
-with ``pip install --no-deps --target`` into a temporary folder: a fresh venv would copy
-gigabytes of torch. The server then runs with this venv's python in isolated mode (``-I``)
-from another folder. The checkout is installed editable into the venv, so the child also
-drops the editable finder (which would otherwise supply any module missing from the wheel)
-and an audit hook reports every file it opens from the checkout; only the venv itself,
-which lives inside the checkout, may be read. ``tiny_pool`` and ``tiny_colours`` are
-test-only registrations: the child imports a copy of ``tinyrun.py`` from a temporary folder.
+``crossmodal/``), so that the build writes nothing into the shared checkout. Two installs:
+
+- ``pip install --no-deps --target`` into a temporary folder, run by this venv's python (a
+  fresh venv with the training extra would copy gigabytes of torch): ``crossmodal serve``.
+  The server runs in isolated mode (``-I``) from another folder. The checkout is installed
+  editable into the venv, so the child also drops the editable finder (which would
+  otherwise supply any module missing from the wheel) and an audit hook reports every file
+  it opens from the checkout; only the venv itself, which lives inside the checkout, may be
+  read. ``tiny_pool`` and ``tiny_colours`` are test-only registrations: the child imports a
+  copy of ``tinyrun.py`` from a temporary folder.
+- ``pip install <wheel>`` into a fresh venv, base dependencies only, from the package index
+  (pip's cache makes a second run quick): no torch, transformers, datasets or Gradio there.
+  It searches an exported copy of the tiny run and must find what the torch engine finds;
+  the training commands name the extra they need.
 """
 
 from __future__ import annotations
@@ -166,3 +172,71 @@ def test_installed_wheel_serves_a_run_from_another_folder(installed, tiny_run, t
     imported = next(ln for ln in output.splitlines() if ln.startswith("crossmodal imported from "))
     assert Path(imported.split(" from ", 1)[1]) == installed / "crossmodal" / "__init__.py", imported
     assert CHECKOUT_MARK not in output, output[-4000:]
+
+
+# -- the serving core alone: the wheel with its base dependencies in a fresh venv -------------------
+NOT_IN_THE_BASE = ("torch", "torchvision", "transformers", "datasets", "gradio")
+
+
+@pytest.fixture(scope="module")
+def serving_venv(wheel, tmp_path_factory) -> Path:
+    """A fresh venv holding the wheel and its base dependencies (``pip install <wheel>``)."""
+    venv = tmp_path_factory.mktemp("serving") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    cmd = [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "--quiet",
+           str(wheel)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=venv_env())
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return venv
+
+
+def venv_env() -> dict[str, str]:
+    """The environment of a command in the fresh venv: nothing of this venv or checkout leaks in."""
+    env = {k: v for k, v in child_env().items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
+                                  if not p.startswith(str(Path(sys.prefix).resolve())))  # fmt: skip
+    return env
+
+
+def in_venv(venv: Path, *argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(venv / "bin" / argv[0]), *argv[1:]], capture_output=True, text=True,
+                          cwd=cwd, env=venv_env(), timeout=300)  # fmt: skip
+
+
+def printed_hits(output: str) -> list[tuple[int, float, str]]:
+    """``(rank, distance, id)`` of each hit ``crossmodal search`` printed (the id cut at 24 characters)."""
+    lines = output.splitlines()
+    assert lines[1].split()[:3] == ["rank", "dist", "id"], output
+    return [(int(r), float(d), key) for r, d, key, *_ in (line.split() for line in lines[2:])]
+
+
+def test_the_base_package_alone_searches_an_exported_run(serving_venv, tiny_run, tmp_path):
+    from test_export import export_copy
+
+    from crossmodal.serving import RetrievalEngine
+
+    exported, _ = export_copy(tiny_run, tmp_path / "exported")
+    folder = tmp_path / "elsewhere"
+    run = shutil.copytree(exported, folder / "run")
+    for module in NOT_IN_THE_BASE:
+        done = in_venv(serving_venv, "python", "-c", f"import {module}", cwd=folder)
+        assert done.returncode != 0 and f"No module named '{module}'" in done.stderr, (module, done.stderr)
+    image = sorted((run / "images").glob("*.png"))[3]
+    queries = [("--text", "red", "search_text"), ("--text", "a blue star", "search_text"),
+               ("--image", str(image), "search_image")]  # fmt: skip
+    torch_engine = RetrievalEngine.load(exported, backend="torch")
+    try:
+        for flag, query, method in queries:
+            done = in_venv(serving_venv, "crossmodal", "search", "--run", "run", flag, query, "-k", "8",
+                           cwd=folder)  # fmt: skip
+            assert done.returncode == 0, done.stderr[-3000:]
+            hits = getattr(torch_engine, method)(query, 8).hits
+            assert printed_hits(done.stdout) == [(h.rank, h.distance, h.key[:24]) for h in hits], done.stdout
+    finally:
+        torch_engine.close()
+    done = in_venv(serving_venv, "crossmodal", "train", cwd=folder)
+    assert (done.returncode, done.stderr) == (2, "crossmodal train needs the training extra: "
+                                                 "pip install 'crossmodal[train]'\n")  # fmt: skip
+    done = in_venv(serving_venv, "crossmodal", "serve", "--run", "run", cwd=folder)
+    assert (done.returncode, done.stderr) == (2, "crossmodal serve needs the app extra: "
+                                                 "pip install 'crossmodal[app]'\n")  # fmt: skip
