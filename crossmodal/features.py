@@ -205,7 +205,8 @@ class AugmentedImages:
     def __init__(self, dataset: CrossModalDataset, tower: Any, views: int, seed: int = 0) -> None:
         self.dataset, self.tower, self.views, self.seed = dataset, tower, views, seed
 
-    def batch(self, rows: np.ndarray, device: torch.device, rng: np.random.Generator | None = None) -> torch.Tensor:
+    def batch(self, rows: np.ndarray, device: torch.device,
+              rng: np.random.Generator | None = None) -> torch.Tensor:  # fmt: skip
         rows = np.asarray(rows)
         items = rows // self.views
         out = []

@@ -320,7 +320,8 @@ class _Step:
                 nce = info_nce(codes, other[pos], self.opts.temperature)
                 terms["contrastive"] = self.opts.contrastive * nce
             if self.names is not None:
-                terms["label_names"] = self.opts.label_names * self.names.term(self.model, m, codes, buffers, pos)
+                pairs = self.names.term(self.model, m, codes, buffers, pos)
+                terms["label_names"] = self.opts.label_names * pairs
             if self.opts.spread:
                 terms["spread"] = self.opts.spread * spread(codes, buffers[m], pos, self.opts.spread_bits)
             if self.opts.decorrelation:

@@ -422,11 +422,13 @@ def grid_report(results: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike
     p_key, n_key = precision_key(flat), ndcg_key(flat)
     rows = [{"method": c["method"], "bits": int(c["bits"]), "train_time_s": _seconds(c.get("train_time_s")),
              "error": c.get("error"), **flatten_metrics(c.get("metrics") or {}),
-             **{f"keyword_{s}": v for s, v in (c.get("keyword_p@10") or {}).items()}} for c in cells]  # fmt: skip
+             **{f"keyword_{s}": v for s, v in (c.get("keyword_p@10") or {}).items()}}
+            for c in cells]  # fmt: skip
     lead = [("method", "method"), ("bits", "bits")]
     extra = [("train_time_s", "train s")]
     if any(r.get("keyword_database") is not None for r in rows):
-        extra = [("keyword_database", "keyword P@10"), ("keyword_query", "keyword P@10 (query split)"), *extra]
+        keyword = [("keyword_database", "keyword P@10"), ("keyword_query", "keyword P@10 (query split)")]
+        extra = [*keyword, *extra]
     tables = _main_tables(rows, lead, dirs, p_key, extra, ndcg=n_key)
     text = [f"# {title}\n", DEFINITIONS + "\n", *tables]
     failed = [r for r in rows if r.get("error")]

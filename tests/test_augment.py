@@ -62,12 +62,14 @@ def test_views_are_cached_beside_the_clean_features(workdir, tmp_path):
     assert offsets.tolist() == [0, 3, 6, 9, 12, 15] and feats.shape == (15, 3)
     assert torch.equal(feats[torch.from_numpy(offsets[:-1])], clean)  # row 0 of an item: its clean image
     assert not torch.equal(feats[1], feats[0]) and not torch.equal(feats[1], feats[2])
-    again, _ = extract_features(ds, "image", MeanColour(), {"name": "mean", "views": 2}, tmp_path, variants=True)
+    desc = {"name": "mean", "views": 2}
+    again, _ = extract_features(ds, "image", MeanColour(), desc, tmp_path, variants=True)
     assert torch.equal(again, feats)  # read back from the cache
     source = ModalityInputs("image", ds, MeanColour(), feats, None, offsets)
     rng = np.random.default_rng(0)
-    drawn = {int(r) for _ in range(30) for r in (source.batch(np.array([1]), torch.device("cpu"), rng) == feats)
-             .all(1).nonzero()[:, 0]}  # fmt: skip
+    cpu = torch.device("cpu")
+    drawn = {int(r) for _ in range(30)
+             for r in (source.batch(np.array([1]), cpu, rng) == feats).all(1).nonzero()[:, 0]}  # fmt: skip
     assert drawn == {3, 4, 5}  # item 1's clean row and both its views get drawn
     assert torch.equal(source.batch(np.array([1]), torch.device("cpu")), clean[1:2])  # no rng: the clean row
 

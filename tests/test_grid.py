@@ -78,7 +78,8 @@ def test_a_cell_keeps_the_users_loss_params_wherever_the_method_takes_them(workd
     from crossmodal.jobs.grid import cell_config
 
     recipe = tmp_path / "r.yaml"
-    cfg = tiny_config(workdir, "loss.name=dcmh", "loss.params={gamma: 100.0, eta: 0.01, pos_weight: balanced}")
+    tuned = "loss.params={gamma: 100.0, eta: 0.01, pos_weight: balanced}"
+    cfg = tiny_config(workdir, "loss.name=dcmh", tuned)
     recipe.write_text(yaml.safe_dump(cfg.to_dict()))
     user = ["loss.params.eta=0.5", "loss.params.alpha=0.2", "train.epochs=2"]
 

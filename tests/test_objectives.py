@@ -162,7 +162,8 @@ def test_label_name_term_puts_a_name_nearest_its_own_images():
     rng = np.random.default_rng(1)
     n, dim = 40, 16
     cls = np.arange(n) % 2  # 0: A, 1: B; both C
-    xi = torch.tensor(rng.normal(size=(2, dim))[cls] * 2 + 0.3 * rng.normal(size=(n, dim)), dtype=torch.float32)
+    xi = rng.normal(size=(2, dim))[cls] * 2 + 0.3 * rng.normal(size=(n, dim))
+    xi = torch.tensor(xi, dtype=torch.float32)
     xt = torch.tensor(rng.normal(size=(n, dim)), dtype=torch.float32)  # texts that say little
     names = torch.tensor(rng.normal(size=(3, dim)), dtype=torch.float32)  # "A", "B", "C"
     labels = np.concatenate([np.eye(2, dtype=np.uint8)[cls], np.ones((n, 1), dtype=np.uint8)], axis=1)
@@ -190,7 +191,8 @@ def test_decorrelation_by_hand():
     from crossmodal.fit import decorrelation
 
     x = torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0, 1.0], [-1.0, -1.0]])
-    assert float(decorrelation(x, x[:1], torch.tensor([0]))) == pytest.approx(0.0, abs=1e-6)  # independent bits
+    independent = float(decorrelation(x, x[:1], torch.tensor([0])))
+    assert independent == pytest.approx(0.0, abs=1e-6)
     twins = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, 1.0], [-1.0, -1.0]])
     assert float(decorrelation(twins, twins[:1], torch.tensor([0]))) == pytest.approx(1.0, abs=1e-5)
     opposed = torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0, -1.0], [-1.0, 1.0]])
@@ -243,7 +245,8 @@ def test_the_spread_term_gives_near_duplicates_their_own_codes():
     rng = np.random.default_rng(3)
     n, dim = 40, 24
     cls = np.arange(n) % 2
-    x = torch.tensor(rng.normal(size=(2, dim))[cls] * 2 + 0.3 * rng.normal(size=(n, dim)), dtype=torch.float32)
+    x = rng.normal(size=(2, dim))[cls] * 2 + 0.3 * rng.normal(size=(n, dim))
+    x = torch.tensor(x, dtype=torch.float32)
     labels = np.eye(2, dtype=np.uint8)[cls]
     result = {}
     for weight in (0.0, 10.0):

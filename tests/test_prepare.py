@@ -197,7 +197,8 @@ def test_a_checkpoint_of_another_recipe_is_not_resumed(workdir, monkeypatch):
     assert not (run / "checkpoint").exists()  # B removed A's checkpoint when it started afresh
     seen = interrupt_at_epoch(monkeypatch, -1)
     said: list[str] = []
-    prepare_run(None, [*recipe, "train.lr=0.02", "train.keep_checkpoint=true"], progress=False, say=said.append)
+    kept = [*recipe, "train.lr=0.02", "train.keep_checkpoint=true"]
+    prepare_run(None, kept, progress=False, say=said.append)
     assert "resumed" not in next(s for s in said if s.startswith("[2/4]")) and seen == list(range(6))
 
     # the command line's --resume refuses another recipe's (kept) checkpoint, naming the difference

@@ -58,7 +58,9 @@ def test_a_vocabulary_tower_reads_its_words_or_refuses_without_a_word_list():
         read_vocab_query(None, "red")
 
 
-@pytest.mark.parametrize(("text", "known", "unknown"), [("", [], []), ("!!!", [], []), ("zebra", [], ["zebra"])])
+@pytest.mark.parametrize(
+    ("text", "known", "unknown"), [("", [], []), ("!!!", [], []), ("zebra", [], ["zebra"])]
+)
 def test_every_unusable_query_gets_the_empty_query_message(text, known, unknown):
     """A query none of whose tokens the tower can represent is, to the model, an empty query:
     the same message, then what the model saw."""

@@ -191,7 +191,8 @@ def test_shrinking_is_warned_only_for_a_published_protocol(caplog):
     from crossmodal.data.splits import fit_protocol
 
     with caplog.at_level(logging.INFO, logger="crossmodal.data.splits"):
-        assert fit_protocol(7947, 1000, 10000, "imagefolder", published=False) == {"n_query": 1000, "n_train": 6947}
+        rule = fit_protocol(7947, 1000, 10000, "imagefolder", published=False)
+        assert rule == {"n_query": 1000, "n_train": 6947}
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
         assert fit_protocol(7947, 2000, 10000, "mirflickr25k") == {"n_query": 1589, "n_train": 6358}
         assert [r for r in caplog.records if r.levelno == logging.WARNING]

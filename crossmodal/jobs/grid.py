@@ -127,7 +127,8 @@ def cell_config(recipe: str, method: str, bits: int, out_dir: Path, overrides: l
 
 
 def run_cell(recipe: str, method: str, bits: int, out_dir: Path, overrides: list[str],
-             paper_pairs: bool = False, name: str | None = None, evaluate: bool = True) -> dict[str, Any]:  # fmt: skip
+             paper_pairs: bool = False, name: str | None = None,
+             evaluate: bool = True) -> dict[str, Any]:  # fmt: skip
     """Train (unless already trained) and, with ``evaluate``, evaluate one cell; returns its record."""
     cfg = cell_config(recipe, method, bits, out_dir, overrides, paper_pairs, name)
     run_dir = cfg.run_dir
@@ -204,7 +205,8 @@ SEEDS = (0, 1, 2)
 def search_trials(loss: str, bits: int) -> list[dict[str, Any]]:
     """The trials of ``loss`` at ``bits`` (one trial, its defaults, when it has no search space)."""
     scale = bits / 64
-    return [{k: v * scale if k == "margin" else v for k, v in t.items()} for t in SEARCH_SPACES.get(loss, [{}])]
+    trials = SEARCH_SPACES.get(loss, [{}])
+    return [{k: v * scale if k == "margin" else v for k, v in t.items()} for t in trials]
 
 
 def run_search(recipe: str, methods: list[str], bits: int, out_dir: str | os.PathLike[str],
@@ -245,7 +247,8 @@ def run_search(recipe: str, methods: list[str], bits: int, out_dir: str | os.Pat
         best = max(range(len(tried)), key=lambda i: tried[i]["best_val_map"])
         # the chosen trial already is the first seed's run: it is evaluated, not trained again
         runs = [cell(f"{method}|trial{best}|seed{s}", trials[best], s, True,
-                     f"{method}-{bits}-t{best}" + (f"-s{s}" if s != seeds[0] else "")) for s in seeds]  # fmt: skip
+                     f"{method}-{bits}-t{best}" + (f"-s{s}" if s != seeds[0] else ""))
+                for s in seeds]  # fmt: skip
         rows.append(_search_row(method, trials, tried, best, runs))
     write_json_atomic(out / "search_results.json", rows)
     return _search_report(rows, out, f"{Path(recipe).stem}: every method with its own validation search, "
@@ -276,10 +279,13 @@ def _search_row(method: str, trials: list[dict[str, Any]], tried: list[dict[str,
 
 def _search_report(rows: list[dict[str, Any]], out: Path, title: str) -> Path:
     def cell(v: Any, digits: int = 3) -> str:
-        return f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}" if isinstance(v, dict) and "mean" in v else ""
+        if not (isinstance(v, dict) and "mean" in v):
+            return ""
+        return f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}"
 
     def settings(s: dict[str, Any]) -> str:
-        return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()) or "defaults"
+        parts = (f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items())
+        return ", ".join(parts) or "defaults"
 
     order = ("i2t", "t2i", "i2i", "t2t")
     cols = [f"map_{d}" for d in order]

@@ -265,7 +265,8 @@ def prepare_inputs(
         if m == "image" and cfg.train.mode == "partial":
             k = cfg.train.partial_blocks
             tower.set_trainable(k)
-            requests.append(FeatureRequest(m, CachedTrunk(tower, k), tower_description(cfg, m, training=True)))
+            desc = tower_description(cfg, m, training=True)
+            requests.append(FeatureRequest(m, CachedTrunk(tower, k), desc))
         elif frozen[m]:
             tower.set_trainable(0)
             requests.append(FeatureRequest(m, tower, tower_description(cfg, m, training=True)))

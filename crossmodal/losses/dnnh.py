@@ -1,7 +1,8 @@
 """Deep Neural Network Hashing, DNNH / NINH (Lai, Pan, Liu & Yan, CVPR 2015), cross-modal.
 
 A triplet ranking loss: an anchor must be closer to a similar item than to a
-dissimilar one by a margin. Use it with a divide-and-encode head and the piecewise threshold activation (sigmoid, outputs within 0.1 of 0.5 pass, the
+dissimilar one by a margin. Use it with a divide-and-encode head and the piecewise
+threshold activation (sigmoid, outputs within 0.1 of 0.5 pass, the
 others snap to 0/1; the hasher maps them to {-1,+1}), both as in the paper.
 
 For the image step (text is symmetric), each batch item i is an anchor with codes u_i;

@@ -86,7 +86,8 @@ def make_head(kind: str, in_dim: int, bits: int, hidden: int = 1024) -> nn.Modul
     if kind == "dne":
         return DivideAndEncode(in_dim, bits)
     if kind == "mlp_dne":  # the mlp head's hidden layer, then divide-and-encode slices of it
-        return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(0.1), DivideAndEncode(hidden, bits))
+        hidden_layer = [nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(0.1)]
+        return nn.Sequential(*hidden_layer, DivideAndEncode(hidden, bits))
     raise ValueError(f"unknown head {kind!r}; known heads: {', '.join(HEADS)}")
 
 

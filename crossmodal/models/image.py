@@ -120,7 +120,8 @@ class ImageTower(nn.Module):
         if shape is None or shape[0] != (self.cached_split, self.image_size):
             with torch.no_grad():
                 was = self.training
-                probe = self.eval().trunk(torch.zeros(1, 3, self.image_size, self.image_size), self.cached_split)
+                blank = torch.zeros(1, 3, self.image_size, self.image_size)
+                probe = self.eval().trunk(blank, self.cached_split)
                 self.train(was)
             shape = ((self.cached_split, self.image_size), tuple(probe.shape[1:]))
             self._map_shape = shape

@@ -85,7 +85,8 @@ def dataset_features(
         trunk = CachedTrunk(model.image_tower, data.cfg.train.partial_blocks)
         requests.append(FeatureRequest("image", trunk, tower_description(data.cfg, "image")))
     train = data.cfg.train
-    feats = extract_all(dataset, requests, feature_cache_dir(train.cache_dir), train.feature_batch_size, progress=progress)
+    cache = feature_cache_dir(train.cache_dir)
+    feats = extract_all(dataset, requests, cache, train.feature_batch_size, progress=progress)
     return {"image": feats.get("image"), "text": feats.get("text")}
 
 
@@ -125,7 +126,8 @@ def zero_shot_features(data: RunData, model: TwoTowerHasher,
         towers[m].set_trainable(0)
         requests.append(FeatureRequest(m, towers[m], desc))
     train = data.cfg.train
-    out.update(extract_all(data.dataset, requests, feature_cache_dir(train.cache_dir), train.feature_batch_size, progress=False))
+    cache = feature_cache_dir(train.cache_dir)
+    out.update(extract_all(data.dataset, requests, cache, train.feature_batch_size, progress=False))
     return ZeroShot({m: out[m] for m in MODALITIES}, towers["text"].eval())
 
 
