@@ -56,8 +56,8 @@ def test_a_partial_run_trains_the_last_blocks_and_encodes_the_same_from_maps_or_
     from crossmodal.runs.model import load_model
 
     cfg = tiny_config(workdir, "name=partial", "model.image_tower=efficientnet_lite0",
-                      "model.pretrained=false", "train.mode=partial", "train.trainable_blocks=2", "train.epochs=2",
-                      "loss.label_names=1.0")  # fmt: skip
+                      "model.pretrained=false", "train.mode=partial", "train.trainable_blocks=2",
+                      "train.epochs=2", "loss.label_names=1.0")  # fmt: skip
     run = train_run(cfg, progress=False)
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["frozen"]["image"] is False  # its trained blocks are part of the run
