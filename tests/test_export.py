@@ -26,8 +26,6 @@ from crossmodal.runs.folder import RunError, RunUpdate, read_manifest
 from crossmodal.serving import RetrievalEngine
 from crossmodal.text import EMPTY_QUERY_MESSAGE, QueryError
 
-pytest.importorskip("onnxruntime")
-
 ROOT = Path(__file__).resolve().parents[1]
 GOOD_TEXTS = ["red", "a blue star", "green circle zebra", "Yellow SQUARE!", "cre\u0300me red"]
 # empty, blank, zero-width and format characters, no word at all, only unknown words, a non-string
@@ -395,7 +393,6 @@ print("LOADED", sorted(m for m in sys.modules if m.split(".")[0] in {NOT_LOADED[
 
 @pytest.mark.slow  # imports gradio in a fresh interpreter: seconds
 def test_the_app_of_an_exported_run_imports_no_torch(exported):
-    pytest.importorskip("gradio")
     run, _ = exported
     code = f"""
 import sys
@@ -411,7 +408,6 @@ print("LOADED", sorted(m for m in sys.modules if m.split(".")[0] in {NOT_LOADED[
 
 @pytest.mark.slow  # torch.export traces the towers: seconds
 def test_the_dynamo_exporter_gives_the_same_codes(tiny_run_copy):
-    pytest.importorskip("onnxscript")
     from crossmodal.jobs.export import export_run
 
     info = export_run(tiny_run_copy, exporter="dynamo", progress=False)
