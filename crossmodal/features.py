@@ -318,7 +318,7 @@ def extract_all(
             texts, offsets = text_variants(dataset, bool(req.desc.get("label_texts")))
         offsets_of[req.modality] = offsets
         n = len(texts) if texts is not None else len(dataset)
-        desc = {**req.desc, "variants": True} if texts is not None else req.desc
+        desc = {**req.desc, "variants": True} if texts is not None else dict(req.desc)
         k = int(desc.pop("views", 0) or 0)  # the clean features keep the key they have without views
         # texts in order of length: a batch pads to similar lengths (MiniLM on OpenMoji's
         # names: about 1.8x faster than the dataset's order); rows are written back in place
