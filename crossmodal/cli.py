@@ -122,7 +122,7 @@ def _open_from_args(args: argparse.Namespace):
 
 
 @command(
-    "build-data", "build a dataset into the built-data cache (the OpenMoji default needs no download)", needs=("train",)
+    "build-data", "build a dataset into the built-data cache (OpenMoji needs no download)", needs=("train",)
 )
 @args_for(_build_data_args)
 def cmd_build_data(args: argparse.Namespace) -> int:
