@@ -455,14 +455,11 @@ def _add(run_dir: Path, source: str, options: dict[str, Any], progress: bool) ->
         entry["options"] = {k: v for k, v in options.items() if k != "root"}
     info = {**manifest["index"], "items": int(indexes["image"].ntotal), "texts": int(indexes["text"].ntotal)}
     info["added"] = [*info.get("added", []), entry]
-    with RunUpdate(run_dir) as update:
-        for m in ("image", "text"):
-            indexes[m].save(update.path(f"{m}.index"))
-        shutil.copyfile(run_dir / "store.sqlite", update.path("store.sqlite"))
-        with MetadataStore.open(update.path("store.sqlite"), readonly=False) as store:
-            store.add_items(items)
-            store.add_texts(units)
-        update.commit(index=info)
+    def add(store: MetadataStore) -> None:
+        store.add_items(items)
+        store.add_texts(units)
+
+    replace_indexes_and_store(run_dir, indexes, add, info)
     return {"added_items": len(items), "added_texts": len(units), **result, **info}
 
 
@@ -482,6 +479,20 @@ def run_label_names(
         out.append(sorted((n for n in item if n in column), key=column.__getitem__))
         unknown.update(n for n in item if n not in column)
     return out, dict(sorted(unknown.items()))
+
+
+def replace_indexes_and_store(
+    run_dir: Path, indexes: dict[str, BinaryIndex], edit: Callable[[MetadataStore], None], info: dict[str, Any]
+) -> None:
+    """One journaled update of an add or a removal: the two indexes as given, a copy of the
+    store changed by ``edit``, and the manifest's ``index`` entry ``info``, all together."""
+    with RunUpdate(run_dir) as update:
+        for m in ("image", "text"):
+            indexes[m].save(update.path(f"{m}.index"))
+        shutil.copyfile(run_dir / "store.sqlite", update.path("store.sqlite"))
+        with MetadataStore.open(update.path("store.sqlite"), readonly=False) as store:
+            edit(store)
+        update.commit(index=info)
 
 
 def remove_from_run(
@@ -544,13 +555,7 @@ def _remove(run_dir: Path, keys: list[str]) -> dict[str, Any]:
         info["removed_keys"] = sorted({*info.get("removed_keys", []), *own})
     entry = {"keys": len(keys), "items": len(item_ids), "texts": len(text_ids)}
     info["removed"] = [*info.get("removed", []), entry]
-    with RunUpdate(run_dir) as update:
-        for m in ("image", "text"):
-            indexes[m].save(update.path(f"{m}.index"))
-        shutil.copyfile(run_dir / "store.sqlite", update.path("store.sqlite"))
-        with MetadataStore.open(update.path("store.sqlite"), readonly=False) as store:
-            store.remove_items(item_ids)
-        update.commit(index=info)
+    replace_indexes_and_store(run_dir, indexes, lambda store: store.remove_items(item_ids), info)
     for it in items:  # thumbnails no store names any more
         if it["image_path"].startswith("images/"):
             (run_dir / it["image_path"]).unlink(missing_ok=True)
