@@ -482,8 +482,9 @@ def run_label_names(
 
 
 def replace_indexes_and_store(
-    run_dir: Path, indexes: dict[str, BinaryIndex], edit: Callable[[MetadataStore], None], info: dict[str, Any]
-) -> None:
+    run_dir: Path, indexes: dict[str, BinaryIndex], edit: Callable[[MetadataStore], None],
+    info: dict[str, Any],
+) -> None:  # fmt: skip
     """One journaled update of an add or a removal: the two indexes as given, a copy of the
     store changed by ``edit``, and the manifest's ``index`` entry ``info``, all together."""
     with RunUpdate(run_dir) as update:
