@@ -10,7 +10,6 @@ never load a mixed set, and re-running the command must finish the job exactly o
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -20,9 +19,9 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
+from tinyrun import image_folder
 
 from crossmodal.io import atomic_dir, atomic_path
 from crossmodal.jobs.index import add_to_run, index_run
@@ -109,21 +108,6 @@ def run_child(
         text=True,
         timeout=timeout,
     )
-
-
-def image_folder(root: Path, n: int, seed: int = 1) -> Path:
-    """``n`` small images of the tiny run's colours, with captions, as an image folder."""
-    rng = np.random.default_rng(seed)
-    colours = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
-    root.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(n):
-        name = list(colours)[i % 4]
-        arr = np.clip(np.array(colours[name]) + rng.normal(0, 12, (32, 32, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(arr).save(root / f"new{i:04d}.png")
-        lines.append(json.dumps({"file_name": f"new{i:04d}.png", "text": f"a {name} square"}))
-    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return root
 
 
 def copy_run(tiny_run: Path, dest: Path) -> Path:

@@ -16,9 +16,8 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from tinyrun import image_folder
 
 from crossmodal.cli import main
 from crossmodal.jobs.index import add_to_run, index_run, remove_from_run
@@ -35,25 +34,6 @@ from crossmodal.serving import RetrievalEngine
 from crossmodal.store import MetadataStore
 
 TESTS = Path(__file__).resolve().parent
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
-
-
-def image_folder(root: Path, n: int, prefix: str = "new", labels: bool = False, seed: int = 1) -> Path:
-    """``n`` images ``{prefix}{i:04d}.png`` with metadata.jsonl; with ``labels``, each is labelled with its
-    colour, ``square`` and ``sparkly`` (a name the tiny run does not have)."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(n):
-        name = list(COLOURS)[i % 4]
-        arr = np.clip(np.array(COLOURS[name]) + rng.normal(0, 12, (32, 32, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(arr).save(root / f"{prefix}{i:04d}.png")
-        row = {"file_name": f"{prefix}{i:04d}.png", "text": f"a {name} square"}
-        if labels:
-            row["labels"] = [name, "square", "sparkly"]
-        lines.append(json.dumps(row))
-    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return root
 
 
 def store_keys(run: Path) -> list[str]:

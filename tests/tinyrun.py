@@ -30,6 +30,27 @@ def colour_image(rgb: tuple[int, int, int], rng: np.random.Generator, size: int 
     return buf.getvalue()
 
 
+def image_folder(root: Path, n: int, prefix: str = "new", labels: bool = False, seed: int = 1) -> Path:
+    """``n`` images ``{prefix}{i:04d}.png`` of the tiny run's colours with captions, as an image
+    folder (metadata.jsonl); with ``labels``, each is labelled with its colour, ``square`` and
+    ``sparkly`` (a name the tiny run does not have)."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        name = list(COLOURS)[i % 4]
+        arr = np.clip(np.array(COLOURS[name]) + rng.normal(0, 12, (32, 32, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(root / f"{prefix}{i:04d}.png")
+        row = {"file_name": f"{prefix}{i:04d}.png", "text": f"a {name} square"}
+        if labels:
+            row["labels"] = [name, "square", "sparkly"]
+        lines.append(json.dumps(row))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
 if "tiny_colours" not in DATASETS:
 
     @register_dataset("tiny_colours")
