@@ -185,7 +185,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"{cfg.run_dir} is already trained (skipping)")
         return 0
     run_dir = train_run(cfg, resume=args.resume)
-    print(f"trained run: {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, every process trains; rank 0 reports
+        print(f"trained run: {run_dir}")
     return 0
 
 
@@ -218,30 +219,37 @@ def _index_args(p: argparse.ArgumentParser) -> None:
     change = p.add_mutually_exclusive_group()
     change.add_argument("--add", metavar="DATASET_OR_FOLDER",
                         help="add the items of a dataset or image folder (skips those the run holds)")
+    change.add_argument("--sync", metavar="FOLDER",
+                        help="bring the items of an image folder in step: add new files, re-encode changed "
+                             "ones, remove deleted ones")  # fmt: skip
     change.add_argument("--remove", nargs="+", metavar="KEY", help="remove the items with these keys")
     change.add_argument("--remove-file", metavar="FILE", help="remove the items whose keys FILE lists")
-    p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="dataset option for --add")
+    p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
+                   help="dataset option for --add or --sync")  # fmt: skip
     p.add_argument("--if-missing", action="store_true", help="do nothing when the run is already indexed")
 
 
 def _index_change(args: argparse.Namespace) -> int:
-    """``index --add`` / ``--remove`` / ``--remove-file``: change a run's items, print what changed."""
+    """``index --add`` / ``--sync`` / ``--remove`` / ``--remove-file``: change a run's items, print
+    what changed (progress bars only on a terminal)."""
     import shlex
 
     from crossmodal.jobs.index import add_to_run, remove_from_run
 
     line = f"crossmodal index --run {shlex.quote(args.run)}"
+    options = "".join(f" -o {shlex.quote(o)}" for o in args.option or [])
+    bars = sys.stderr.isatty()
+    if args.sync:
+        from crossmodal.jobs.sync import sync_run
+
+        info = sync_run(args.run, args.sync, _options(args.option), progress=bars,
+                        command=f"{line} --sync {shlex.quote(args.sync)}{options}")  # fmt: skip
+        print(sync_summary(args.run, info))
+        return 0
     if args.add:
-        options = "".join(f" -o {shlex.quote(o)}" for o in args.option or [])
-        info = add_to_run(args.run, args.add, _options(args.option),
+        info = add_to_run(args.run, args.add, _options(args.option), progress=bars,
                           command=f"{line} --add {shlex.quote(args.add)}{options}")  # fmt: skip
-        print(f"added {info['added_items']} items and {info['added_texts']} texts to {args.run}")
-        if info["already_present"]:
-            print(f"{info['already_present']} items of {info['source']} are in the run already "
-                  f"(added before): skipped")  # fmt: skip
-        if info["unknown_labels"]:
-            named = ", ".join(f"{k} ({v})" for k, v in info["unknown_labels"].items())
-            print(f"labels not in the run's label set, not stored (items): {named}")
+        print(add_summary(args.run, info))
         return 0
     if args.remove_file:
         keys = [k for k in Path(args.remove_file).read_text(encoding="utf-8").splitlines() if k.strip()]
@@ -255,13 +263,36 @@ def _index_change(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_summary(run: str, info: dict) -> str:
+    """What ``index --add`` did: items added and skipped, labels not kept, the run's new totals."""
+    lines = [f"added {info['added_items']} items and {info['added_texts']} texts from {info['source']} "
+             f"to {run}; it now holds {info['items']} items and {info['texts']} texts"]  # fmt: skip
+    if info["already_present"]:
+        lines.append(f"{info['already_present']} items of {info['source']} are in the run already (added "
+                     f"before): skipped (--sync re-encodes those whose files changed)")  # fmt: skip
+    if info["unknown_labels"]:
+        named = ", ".join(f"{k} ({v})" for k, v in info["unknown_labels"].items())
+        lines.append(f"labels not in the run's label set, not stored (items): {named}")
+    return "\n".join(lines)
+
+
+def sync_summary(run: str, info: dict) -> str:
+    """What ``index --sync`` did, in one line."""
+    counts = (f"{info['added']} added, {info['reencoded']} re-encoded, {info['removed']} removed, "
+              f"{info['unchanged']} unchanged")  # fmt: skip
+    if not info["changed"]:
+        return f"{run} is in step with {info['source']} ({counts}): nothing to do"
+    return (f"synced {info['source']} into {run}: {counts}; it now holds {info['items']} items and "
+            f"{info['texts']} texts ({info['seconds']:.1f} s)")
+
+
 @command("index", "encode a run's database into FAISS binary indexes and a metadata store", needs=("train",))
 @args_for(_index_args)
 def cmd_index(args: argparse.Namespace) -> int:
     from crossmodal.jobs.index import index_run
     from crossmodal.runs.state import is_indexed
 
-    if args.add or args.remove or args.remove_file:
+    if args.add or args.sync or args.remove or args.remove_file:
         return _index_change(args)
     if args.if_missing and is_indexed(args.run):
         print(f"{args.run} is already indexed (skipping)")
@@ -307,49 +338,75 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run folder")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--text", help="keywords: find images (or texts with --same)")
-    what.add_argument("--image", help="an image file: find captions (or images with --same)")
+    what.add_argument("--text", action="append",
+                      help="keywords: find images (or texts with --same); repeat for several queries")
+    what.add_argument("--image", action="append",
+                      help="an image file: find captions (or images with --same); repeatable")
     p.add_argument("-k", type=int, default=10, help="number of results (default: %(default)s)")
     p.add_argument("--same", action="store_true", help="search the same modality (image->image, text->text)")
     p.add_argument("--encoders", choices=("auto", "onnx", "torch"), default="auto",
                    help="query encoders: the run's exported ONNX ones when it has them (auto), or torch")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true",
+                     help="one JSON object a line per query: query, direction, k, hits (rank, id, distance, "
+                          "caption, captions, labels, image_path)")
+    out.add_argument("--paths", action="store_true",
+                     help="only the image path of each image hit (the id of each text hit), one a line")
+    out.add_argument("--wide", action="store_true", help="the table with captions whole (not cut to fit)")
 
 
 @command("search", "search a run by keywords or by an image and print the results")
 @args_for(_search_args)
 def cmd_search(args: argparse.Namespace) -> int:
+    import json
+    import shutil
+
     from crossmodal.images import ImageDecodeError
     from crossmodal.serving import RetrievalEngine
+    from crossmodal.serving.output import as_json, paths, table
     from crossmodal.text import QueryError
 
+    if args.k < 1:
+        raise ValueError(f"-k must be at least 1, got {args.k}")
     engine = RetrievalEngine.load(args.run, backend=args.encoders)
+    queries = args.text if args.text is not None else args.image
     try:
-        if args.text is not None:
-            result = (engine.similar_texts if args.same else engine.search_text)(args.text, args.k)
-        else:
-            result = (engine.similar_images if args.same else engine.search_image)(args.image, args.k)
+        results = [_search_one(engine, args, q) for q in queries]
     except (QueryError, ImageDecodeError) as exc:
         print(f"crossmodal search: {exc}", file=sys.stderr)
         return 2
-    if args.text is not None and (ignored := engine.ignored_words(args.text)):
-        print(f"crossmodal search: ignored, not in the model's vocabulary: {', '.join(ignored)}",
-              file=sys.stderr)  # fmt: skip
-    print(format_result(result))
+    width = shutil.get_terminal_size((100, 24)).columns
+    for query, result in zip(queries, results):
+        ignored = engine.ignored_words(query) if args.text is not None else []
+        if ignored:
+            print(f"crossmodal search: ignored, not in the model's vocabulary: {', '.join(ignored)}",
+                  file=sys.stderr)  # fmt: skip
+        if args.json:
+            print(json.dumps(as_json(result, args.k, ignored), ensure_ascii=False))
+        elif args.paths:
+            lines, without = paths(result)
+            if without:
+                print(f"crossmodal search: {len(without)} image hits have no image file: "
+                      f"{', '.join(without)}", file=sys.stderr)  # fmt: skip
+            if lines:
+                print("\n".join(lines))
+        else:
+            print(table(result, width=width, wide=args.wide))
     return 0
 
 
+def _search_one(engine, args: argparse.Namespace, query: str):
+    """One query of ``crossmodal search`` in the direction its options name."""
+    if args.text is not None:
+        return (engine.similar_texts if args.same else engine.search_text)(query, args.k)
+    return (engine.similar_images if args.same else engine.search_image)(query, args.k)
+
+
 def format_result(result) -> str:
-    text_hits = result.direction.endswith("t")
-    stages = ", ".join(f"{k} {v:.1f}" for k, v in result.timings_ms.items())
-    lines = [f"{result.direction}  query: {result.query!r}  code: {result.code_hex}  "
-             f"({result.total_ms:.1f} ms: {stages})",
-             f"{'rank':>4}  {'dist':>4}  {'id':<24}  {'caption' if text_hits else 'captions'}"]  # fmt: skip
-    for h in result.hits:
-        caption = h.caption if text_hits else " | ".join(h.captions)
-        lines.append(f"{h.rank:>4}  {h.distance:>4g}  {h.key[:24]:<24}  {caption[:90]}")
-    if not result.hits:
-        lines.append("(no results)")
-    return "\n".join(lines)
+    """The table ``crossmodal search`` prints for ``result``, 100 columns wide."""
+    from crossmodal.serving.output import table
+
+    return table(result)
 
 
 # -- serve ------------------------------------------------------------------------------------

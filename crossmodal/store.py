@@ -11,6 +11,11 @@ Tables:
   several rows pointing at it. Removing an item removes its texts.
 * ``meta(key TEXT PRIMARY KEY, value TEXT)``: JSON values, e.g. ``format_version`` and
   ``label_names``.
+* ``stamps(item_id INTEGER PRIMARY KEY, size INTEGER, mtime_ns INTEGER, record TEXT)``: for
+  items added from a folder, the size and modification time of the image file and a digest of
+  the captions and labels its metadata gave, when it was added; ``crossmodal index --sync``
+  compares them with the folder. Removing an item removes its stamp. A store written before
+  this table existed gets it on its first ``set_stamps``; reading one finds no stamps.
 
 Look-ups of many ids run as ONE query (the ids travel as a JSON array through
 ``json_each``, so there is no limit on their number) and return rows in the order of the
@@ -57,6 +62,14 @@ CREATE TABLE texts (
 CREATE INDEX texts_item ON texts(item_id);
 CREATE INDEX items_key ON items(key);
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+_STAMPS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS stamps (
+    item_id INTEGER PRIMARY KEY REFERENCES items(item_id) ON DELETE CASCADE,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    record TEXT NOT NULL DEFAULT ''
+);
 """
 
 _ITEM_COLUMNS = ("item_id", "key", "image_path", "labels", "source")
@@ -163,7 +176,7 @@ class MetadataStore:
     @staticmethod
     def _init_schema(conn: sqlite3.Connection) -> None:
         with conn:
-            conn.executescript(_SCHEMA)
+            conn.executescript(_SCHEMA + _STAMPS_SCHEMA)
             conn.execute(
                 "INSERT INTO meta(key, value) VALUES ('format_version', ?)",
                 (json.dumps(STORE_FORMAT_VERSION),),
@@ -243,6 +256,18 @@ class MetadataStore:
             )
         return cur.rowcount
 
+    def set_stamps(self, rows: Iterable[dict[str, Any]]) -> int:
+        """Record (or replace) items' file stamps: rows of ``item_id``, ``size``, ``mtime_ns`` and
+        optionally ``record`` (see the module's ``stamps`` table). Returns the number of rows."""
+        if self.readonly:
+            raise StoreError(f"metadata store {self.path} is open read-only")
+        with self._lock, self._conn:
+            self._conn.executescript(_STAMPS_SCHEMA)
+        sql = "INSERT OR REPLACE INTO stamps(item_id, size, mtime_ns, record) VALUES (?, ?, ?, ?)"
+        tuples = ((int(r["item_id"]), int(r["size"]), int(r["mtime_ns"]), str(r.get("record", "")))
+                  for r in rows)  # fmt: skip
+        return self._write(sql, tuples, 10_000)
+
     def set_meta(self, key: str, value: Any) -> None:
         """Store a JSON-serialisable value under ``key``."""
         self._write("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", [(key, json.dumps(value))], 1)
@@ -311,6 +336,23 @@ class MetadataStore:
         for pos, *row in rows:
             out[pos].append(dict(zip(_TEXT_COLUMNS, row, strict=True)))
         return out
+
+    def get_stamps(self, ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """``{item_id: {"size", "mtime_ns", "record"}}`` of the ``ids`` that have a stamp (one query)."""
+        if not self._query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'stamps'"):
+            return {}
+        rows = self._query(
+            "SELECT s.item_id, s.size, s.mtime_ns, s.record FROM json_each(?) AS j "
+            "JOIN stamps AS s ON s.item_id = j.value", (json.dumps([int(i) for i in ids]),)
+        )
+        return {int(i): {"size": int(n), "mtime_ns": int(t), "record": r} for i, n, t, r in rows}
+
+    def items_of_source(self, source: str) -> list[dict[str, Any]]:
+        """Every item row whose ``source`` is ``source`` (a folder added to the run), by item id."""
+        rows = self._query(
+            f"SELECT {', '.join(_ITEM_COLUMNS)} FROM items WHERE source = ? ORDER BY item_id", (source,)
+        )
+        return [self._item_dict(r) for r in rows]
 
     def item_ids(self) -> list[int]:
         """Every item id, in increasing order."""

@@ -15,8 +15,10 @@ manifest (``index.removed_keys``) and left out. Every job here holds the run's l
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
+import json
 import logging
 import os
 import shlex
@@ -219,6 +221,9 @@ def _index(run_dir: Path, kind: str | None, params: dict[str, Any] | None, progr
         image_index.save(update.path("image.index"))
         text_index.save(update.path("text.index"))
         write_store(run_dir, dataset, db, units, update.path("store.sqlite"), added.items, added.texts)
+        if added.stamps:  # what --sync compares a folder with
+            with MetadataStore.open(update.path("store.sqlite"), readonly=False) as store:
+                store.set_stamps(added.stamps)
         seconds = time.perf_counter() - started
         info = {"kind": kind, "params": image_index.params, "items": int(image_index.ntotal),
                 "texts": int(text_index.ntotal), "seconds": round(seconds, 2),
@@ -248,6 +253,7 @@ class Additions:
     items: list[dict[str, Any]] = field(default_factory=list)
     texts: list[dict[str, Any]] = field(default_factory=list)
     lost: bool = False
+    stamps: list[dict[str, Any]] = field(default_factory=list)
 
 
 def stored_additions(
@@ -272,6 +278,7 @@ def stored_additions(
             ids = sorted(set(store.item_ids()) - set(database.tolist()))
             items = [it for it in store.get_items(ids) if it is not None]
             texts = [t for group in store.texts_of_items(ids) for t in group]
+            stamps = [{"item_id": i, **st} for i, st in store.get_stamps(ids).items()]
     except (RunError, StoreError, sqlite3.DatabaseError) as exc:
         again = "; ".join(f"crossmodal index --run {run_dir} --add {s}" for s in dict.fromkeys(sources))
         log.warning("%s: the items added to the run cannot be read back from its store (%s), so they are "
@@ -287,7 +294,7 @@ def stored_additions(
     if any(t["text_id"] in taken for t in texts):
         first = max(taken) + 1
         texts = [{**t, "text_id": first + j} for j, t in enumerate(texts)]
-    return Additions(items, texts)
+    return Additions(items, texts, stamps=stamps)
 
 
 def stored_images(run_dir: Path, items: list[dict[str, Any]]) -> CrossModalDataset:
@@ -422,45 +429,106 @@ def _add(run_dir: Path, source: str, options: dict[str, Any], progress: bool) ->
     positions = np.array([i for i, key in enumerate(dataset.ids) if key not in present], dtype=np.int64)
     result = {"source": origin, "already_present": len(dataset) - len(positions), "unknown_labels": {}}
     if result["already_present"]:
-        log.warning("%s: %d of the %d items of %s are in the run already (added before): skipped",
-                    run_dir, result["already_present"], len(dataset), origin)  # fmt: skip
+        log.info("%s: %d of the %d items of %s are in the run already (added before): skipped",
+                 run_dir, result["already_present"], len(dataset), origin)  # fmt: skip
     if not positions.size:
         return {"added_items": 0, "added_texts": 0, **result, **manifest["index"]}
     model = load_model(run_dir)
     indexes = {
         m: BinaryIndex.load(run_dir / f"{m}.index", expected_bits=model.bits) for m in ("image", "text")
     }
-    per_caption = (
-        dataset.info.relevance == RELEVANCE_IMAGE or manifest["index"].get("text_units") == "caption"
-    )
     item_ids = first_item + np.arange(positions.size)
-    new_id = dict(zip(positions.tolist(), item_ids.tolist()))
-    units = text_units(dataset, positions, readable=readable_by(model.text_tower))
-    for j, u in enumerate(units):
-        u["item_id"] = new_id[u["item_id"]]
-        u["text_id"] = first_text + j if per_caption else u["item_id"]
-    labels, result["unknown_labels"] = run_label_names(dataset, positions, run_labels)
+    new = encode_new_items(run_dir, model, indexes, dataset, positions, item_ids, origin,
+                           first_text=first_text, per_caption=per_caption(dataset, manifest),
+                           run_labels=run_labels, progress=progress)  # fmt: skip
+    items, units, stamps, result["unknown_labels"] = new.items, new.texts, new.stamps, new.unknown_labels
     if result["unknown_labels"]:
-        log.warning("%s: labels of %s that the run does not have were not stored: %s", run_dir, origin,
-                    ", ".join(f"{k} ({v} items)" for k, v in result["unknown_labels"].items()))  # fmt: skip
-    encode_into(model, indexes["image"], "image", item_ids, dataset, positions, progress=progress)
-    encode_into(model, indexes["text"], "text", [u["text_id"] for u in units],
-                texts=[u["caption"] for u in units], progress=progress)  # fmt: skip
-    paths = write_thumbnails(dataset, positions, run_dir, item_ids, overwrite=True)
-    items = [{"item_id": int(i), "key": k, "image_path": p, "labels": names, "source": origin}
-             for i, k, p, names in zip(item_ids, dataset.ids_of(positions), paths, labels)]  # fmt: skip
+        log.info("%s: labels of %s that the run does not have were not stored: %s", run_dir, origin,
+                 ", ".join(f"{k} ({v} items)" for k, v in result["unknown_labels"].items()))  # fmt: skip
     entry = {"source": origin, "items": len(items), "texts": len(units),
              **{k: v for k, v in result.items() if k != "source" and v}}  # fmt: skip
     if set(options) - {"root"}:
         entry["options"] = {k: v for k, v in options.items() if k != "root"}
     info = {**manifest["index"], "items": int(indexes["image"].ntotal), "texts": int(indexes["text"].ntotal)}
     info["added"] = [*info.get("added", []), entry]
+
     def add(store: MetadataStore) -> None:
         store.add_items(items)
         store.add_texts(units)
+        store.set_stamps(stamps)
 
     replace_indexes_and_store(run_dir, indexes, add, info)
     return {"added_items": len(items), "added_texts": len(units), **result, **info}
+
+
+def per_caption(dataset: CrossModalDataset, manifest: dict[str, Any]) -> bool:
+    """Whether items added from ``dataset`` get one text entry per caption (else one per item)."""
+    return dataset.info.relevance == RELEVANCE_IMAGE or manifest["index"].get("text_units") == "caption"
+
+
+@dataclass
+class NewItems:
+    """Store rows of items encoded into a run's indexes: ``items``, ``texts``, ``stamps`` (see
+    ``item_stamps``), and ``unknown_labels`` (``{label name the run lacks: items}``)."""
+
+    items: list[dict[str, Any]]
+    texts: list[dict[str, Any]]
+    stamps: list[dict[str, Any]]
+    unknown_labels: dict[str, int]
+
+
+def encode_new_items(
+    run_dir: Path, model: TwoTowerHasher, indexes: dict[str, BinaryIndex], dataset: CrossModalDataset,
+    positions: np.ndarray, item_ids: np.ndarray, source: str, *, first_text: int, per_caption: bool,
+    run_labels: list[str], progress: bool = True,
+) -> NewItems:  # fmt: skip
+    """Encode items ``positions`` of ``dataset`` into ``indexes`` under ``item_ids`` (texts from
+    ``first_text`` on when ``per_caption``, else under their item's id), write their thumbnails,
+    and return their store rows; nothing is written to the store."""
+    new_id = dict(zip(positions.tolist(), item_ids.tolist()))
+    units = text_units(dataset, positions, readable=readable_by(model.text_tower))
+    for j, u in enumerate(units):
+        u["item_id"] = new_id[u["item_id"]]
+        u["text_id"] = first_text + j if per_caption else u["item_id"]
+    labels, unknown = run_label_names(dataset, positions, run_labels)
+    stamps = item_stamps(dataset, positions, item_ids)  # before encoding: a file changed since is seen
+    encode_into(model, indexes["image"], "image", item_ids, dataset, positions, progress=progress)
+    encode_into(model, indexes["text"], "text", [u["text_id"] for u in units],
+                texts=[u["caption"] for u in units], progress=progress)  # fmt: skip
+    paths = write_thumbnails(dataset, positions, run_dir, item_ids, overwrite=True)
+    items = [{"item_id": int(i), "key": k, "image_path": p, "labels": names, "source": source}
+             for i, k, p, names in zip(item_ids, dataset.ids_of(positions), paths, labels)]  # fmt: skip
+    return NewItems(items, units, stamps, unknown)
+
+
+def item_stamps(
+    dataset: CrossModalDataset, positions: np.ndarray, item_ids: np.ndarray
+) -> list[dict[str, Any]]:
+    """Store stamps (``MetadataStore.set_stamps``) of items ``positions`` stored as ``item_ids``:
+    their image file's size and modification time, and ``record_digest`` of their captions and
+    labels. Items whose image is inline (no file) get none."""
+    root = Path(dataset.info.image_root or ".")
+    out = []
+    digests = record_digests(dataset, positions)
+    for item_id, row, digest in zip(item_ids, dataset.image_rows(positions), digests):
+        if row["image_bytes"] or not row["image_path"]:
+            continue
+        st = (root / row["image_path"]).stat()
+        out.append({"item_id": int(item_id), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                    "record": digest})  # fmt: skip
+    return out
+
+
+def record_digests(dataset: CrossModalDataset, positions: np.ndarray) -> list[str]:
+    """A digest of each item's captions and label names as its source gives them: a change in a
+    folder's metadata file changes it."""
+    matrix, names = dataset.labels_matrix(), dataset.info.label_names
+    out = []
+    for pos, captions in zip(positions, dataset.captions_of(positions)):
+        labels = [names[j] for j in np.flatnonzero(matrix[pos])] if matrix.shape[1] else []
+        blob = json.dumps([list(captions), sorted(labels)], ensure_ascii=False)
+        out.append(hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16])
+    return out
 
 
 def run_label_names(
