@@ -29,3 +29,33 @@ def test_unknown_dataset_and_bad_option_are_clear_errors(workdir, capsys):
     assert "unknown dataset 'imagenet'" in err and "openmoji" in err
     assert main(["build-data", "tiny_colours", "-o", "novalue"]) == 2
     assert "'novalue' must look like key=value" in capsys.readouterr().err
+
+
+def cli_subprocess(*argv: str):
+    """``crossmodal ARGV`` in a fresh process that knows the tiny run's tower (as a user runs it)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import tinyrun; "
+            "from crossmodal.cli import main; sys.exit(main(sys.argv[1:]))")  # fmt: skip
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+
+
+def test_an_add_prints_one_summary_and_nothing_of_splits_or_datasets(tiny_run_copy, tmp_path):
+    # reported: an add of 20 images printed the default protocol's split sizes and datasets' bars
+    from tinyrun import image_folder
+
+    folder = image_folder(tmp_path / "twenty", 20).resolve()
+    proc = cli_subprocess("index", "--run", str(tiny_run_copy), "--add", str(folder))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == (f"added 20 items and 20 texts from {folder} to {tiny_run_copy}; "
+                           "it now holds 116 items and 116 texts\n")  # fmt: skip
+    # on stderr at most the folder check's own bar: no split sizes, no datasets bars, no warnings
+    fragments = [f.strip() for line in proc.stderr.splitlines() for f in line.split("\r") if f.strip()]
+    assert all(f.startswith("checking imagefolder images") for f in fragments), proc.stderr
+    again = cli_subprocess("index", "--run", str(tiny_run_copy), "--add", str(folder))
+    assert again.stdout.splitlines() == [
+        f"added 0 items and 0 texts from {folder} to {tiny_run_copy}; it now holds 116 items and 116 texts",
+        f"20 items of {folder} are in the run already (added before): skipped (--sync re-encodes those "
+        "whose files changed)"]  # fmt: skip
