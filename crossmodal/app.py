@@ -4,20 +4,27 @@
     crossmodal serve --config configs/openmoji.yaml   # prepare the recipe's run first (make demo)
 
 (``python app.py ...`` at the repository root takes the same arguments.) A thin caller of
-the public methods of ``crossmodal.serving.RetrievalEngine``: four tabs (text -> images,
-image -> captions, image -> images, text -> texts) and an "About this run" panel. Every
-search event has a stable ``api_name`` so ``gradio_client`` can drive the app; each returns
-its visual components plus a JSON summary of the hits (``{"error": ...}`` on bad input).
+``crossmodal.serving``: four tabs (text -> images, image -> captions, image -> images, text ->
+texts) and an "About this run" panel, over a ``LiveEngine`` that loads the run again when it
+changes (``crossmodal index --add`` while the app runs).
+
+Scripts have two ways in, both answering with the same JSON (``crossmodal.serving.http``):
+``gradio_client`` endpoints ``/text_to_images``, ``/image_to_captions``, ``/image_to_images`` and
+``/text_to_texts``, each returning the same five values (results HTML, table, status, details, the
+JSON result), and ``/about``; and plain HTTP routes on the same server (``GET``/``POST
+/api/search``, ``/api/about``, ``/api/items/{id}/image``).
 """
 
 from __future__ import annotations
 
 import argparse
+import html
 import logging
 import os
+import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +32,8 @@ if TYPE_CHECKING:
     import gradio as gr
 
     from crossmodal.serving import Hit, RetrievalEngine, SearchResult
+    from crossmodal.serving.http import Answer
+    from crossmodal.serving.live import LiveEngine
 
 log = logging.getLogger("crossmodal.app")
 
@@ -34,61 +43,117 @@ MAX_FILE_SIZE = "10mb"
 CONCURRENCY = 2  # the demo machine has two cores; torch holds a lock per engine anyway
 PREFERRED_EXAMPLES = ("cat", "red heart", "flag", "smiling face", "dog", "sun", "car", "tree")
 N_EXAMPLES = 4
+QUERY_LINES = 3  # the keyword box grows to this many lines, then scrolls
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # no web fonts: the app must work offline
 PROG = "crossmodal serve"  # how error messages name the command
-TRAIN_HINT = (
-    "Build a run first: crossmodal train --config configs/openmoji.yaml, then "
-    "crossmodal index --run {run} (or simply: make demo)."
-)
+TRAIN_HINT = "Build a run first: crossmodal prepare --config configs/openmoji.yaml (or simply: make demo)."
+# FAISS' C++ assertion text ("Error in void faiss::... at index_read.cpp:3322: Error: '...' failed: ...")
+FAISS_ASSERT = re.compile(r"Error in [^;]*? at \S+: Error: '.*?' failed(?:: ([^;]*))?")
+CSS = """
+.cm-grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(132px, 1fr)); gap: 10px; }
+.cm-card { margin: 0; display: flex; flex-direction: column; min-width: 0;
+  border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 6px; }
+.cm-card a { display: block; }
+.cm-card img { display: block; width: 100%; aspect-ratio: 1 / 1; object-fit: contain; }
+.cm-card figcaption { margin-top: 6px; font-size: var(--text-sm); line-height: 1.35;
+  overflow-wrap: anywhere; }
+.cm-meta { color: var(--body-text-color-subdued); }
+.cm-caption { display: block; }
+@media (max-width: 640px) {  /* every tab stays in sight: the tabs that do not fit wrap below */
+  .tab-wrapper { flex-wrap: wrap; height: auto !important; }
+  .tab-wrapper .overflow-menu { flex-basis: 100%; }
+  .tab-wrapper .overflow-menu > button { display: none; }
+  .tab-wrapper .overflow-dropdown { display: flex !important; flex-wrap: wrap; position: static;
+    box-shadow: none; border: 0; padding: 0; min-width: 0; background: none; }
+}
+"""
 
 
 @dataclass(frozen=True)
 class Tab:
-    """One search direction: its title, endpoint name, input modality and engine method."""
+    """One search direction: its title, endpoint name and ``crossmodal.serving.http`` direction."""
 
     title: str
     api_name: str
-    source: str  # "text" or "image"
-    target: str  # what the hits are: "image" items or "text" captions
-    method: str  # the RetrievalEngine method to call
+    direction: str  # a key of crossmodal.serving.http.DIRECTIONS
+
+    @property
+    def source(self) -> str:
+        return "text" if self.direction[0] == "t" else "image"
+
+    @property
+    def target(self) -> str:
+        return "image" if self.direction[-1] == "i" else "text"
 
 
 TABS = (
-    Tab("Text -> Images", "text_to_images", "text", "image", "search_text"),
-    Tab("Image -> Captions", "image_to_captions", "image", "text", "search_image"),
-    Tab("Image -> Images", "image_to_images", "image", "image", "similar_images"),
-    Tab("Text -> Texts", "text_to_texts", "text", "text", "similar_texts"),
+    Tab("Text -> Images", "text_to_images", "t2i"),
+    Tab("Image -> Captions", "image_to_captions", "i2t"),
+    Tab("Image -> Images", "image_to_images", "i2i"),
+    Tab("Text -> Texts", "text_to_texts", "t2t"),
 )
-TABLE_HEADERS = ["rank", "distance", "caption", "item"]
+TABLE_HEADERS = ["rank", "distance", "caption", "item", "item id"]
 
 
 # -- searching -------------------------------------------------------------------------------------
-def image_source(value: Any) -> Any:
-    """The uploaded image as ``open_image`` takes it: a path from a Gradio file payload, or as is."""
+def image_query(value: Any) -> tuple[Any, str | None]:
+    """``(image, file name)`` of an image query: a Gradio file payload (``{"path", "orig_name"}``),
+    a path, or bytes / a PIL image (no name)."""
     if isinstance(value, dict):
-        return value.get("path")
-    return value
+        path = value.get("path")
+        return path, Path(value.get("orig_name") or path or "image").name
+    if isinstance(value, str | os.PathLike) and str(value):
+        return value, Path(value).name
+    return value, None
+
+
+def is_upload(value: Any, roots: list[Path]) -> bool:
+    """Whether an image query from a web request names a file the app may read: one in Gradio's
+    upload folder or in the run's image folders (the examples), never another server file."""
+    from gradio.utils import get_upload_folder
+
+    path, _ = image_query(value)
+    if not isinstance(path, str | os.PathLike) or not str(path):
+        return False
+    resolved = Path(path).resolve()
+    if any(resolved.is_relative_to(root) for root in [Path(get_upload_folder()).resolve(), *roots]):
+        return True
+    log.warning("refused an image payload outside the upload folder: %s", path)
+    return False
+
+
+def search(engine: RetrievalEngine, tab: Tab, query: Any, k: Any) -> Answer | str:
+    """Search for ``tab``; a one-line message instead of an answer for bad input.
+
+    ``query`` is a text, or an image (``image_query``); uploads are named by their file name.
+    """
+    from crossmodal.serving.http import INTERNAL_ERROR, RequestError, answer
+
+    name = None
+    if tab.source == "image":
+        query, name = image_query(query)
+    try:
+        return answer(engine, tab.direction, query, k, name=name)
+    except RequestError as exc:
+        return str(exc)
+    except Exception:  # the app must stay up and never show a traceback
+        log.exception("%s failed", tab.api_name)
+        return INTERNAL_ERROR
 
 
 def run_search(engine: RetrievalEngine, tab: Tab, query: Any, k: Any) -> SearchResult | str:
-    """Call the engine for ``tab``; a message string instead of a result for bad input."""
-    from crossmodal.images import ImageDecodeError
-    from crossmodal.text import QueryError, is_blank
+    """``search`` without the notices: the engine's result, or the message for bad input."""
+    ans = search(engine, tab, query, k)
+    return ans if isinstance(ans, str) else ans.result
 
-    if tab.source == "text" and (not isinstance(query, str) or is_blank(query)):
-        return "Type one or more keywords first."
-    query = query.strip() if tab.source == "text" else image_source(query)
-    if query is None:
-        return "Upload an image first (or click one of the examples)."
-    try:
-        return getattr(engine, tab.method)(query, k=min(int(k), MAX_K))
-    except (QueryError, ImageDecodeError, ValueError, TypeError) as exc:
-        # name an upload by its file name, not by its path in the server's upload cache
-        upload = tab.source == "image" and isinstance(query, str)
-        return str(exc).replace(query, Path(query).name) if upload else str(exc)
-    except Exception:  # the app must stay up and never show a traceback
-        log.exception("%s failed", tab.api_name)
-        return "The search failed with an internal error; the server log has the details."
+
+def web_search(engine: RetrievalEngine, tab: Tab, query: Any, k: Any) -> Answer | str:
+    """``search`` for a query that came over the network: an image must be an upload."""
+    from crossmodal.serving.http import IMAGE_FIRST
+
+    if tab.source == "image" and query is not None and not is_upload(query, engine.image_roots()):
+        return IMAGE_FIRST
+    return search(engine, tab, query, k)
 
 
 def format_distance(d: float) -> str:
@@ -96,47 +161,52 @@ def format_distance(d: float) -> str:
 
 
 def hit_caption(hit: Hit) -> str:
-    """The text shown under a thumbnail: rank, Hamming distance and a caption."""
-    text = hit.caption or (hit.captions[0] if hit.captions else hit.key)
-    return f"#{hit.rank} · d={format_distance(hit.distance)} · {text}"
+    """The caption a hit shows: the matching caption of a text hit, else the item's first."""
+    return hit.caption or (hit.captions[0] if hit.captions else "")
 
 
-def servable(path: str, roots: list[Path]) -> bool:
-    """Whether ``path`` is a file inside one of the folders the app may serve."""
-    if not path:
-        return False
-    p = Path(path).resolve()
-    return p.is_file() and any(p.is_relative_to(root) for root in roots)
+def cards_html(hits: list[Hit]) -> str:
+    """The results as cards: the image (a link to the full-size file), then rank, distance, item
+    key and id, and the whole caption under it; every caption of the item on hover."""
+    cards = []
+    for h in hits:
+        url = f"api/items/{h.item_id}/image"
+        caption, everything = html.escape(hit_caption(h)), html.escape(" | ".join(h.captions))
+        picture = ""
+        if h.image_path:
+            picture = (f'<a href="{url}" target="_blank" rel="noopener" title="open the full-size image">'
+                       f'<img src="{url}" alt="{caption}" loading="lazy"></a>')  # fmt: skip
+        cards.append(
+            f'<figure class="cm-card" data-item-id="{h.item_id}">{picture}<figcaption>'
+            f'<span class="cm-meta">#{h.rank} · d={format_distance(h.distance)} · id {h.item_id}</span> '
+            f'<code class="cm-key">{html.escape(h.key)}</code>'
+            f'<span class="cm-caption" title="{everything}">{caption}</span></figcaption></figure>'
+        )
+    return f'<div class="cm-grid">{"".join(cards)}</div>' if cards else ""
 
 
-def status_line(tab: Tab, result: SearchResult, ignored: list[str]) -> str:
-    what = "images" if tab.target == "image" else "captions"
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def status_line(tab: Tab, ans: Answer) -> str:
+    """What was found and how fast, then one line per notice (ignored words, a cut query)."""
+    result = ans.result
+    what = plural(len(result.hits), "image" if tab.target == "image" else "caption")
     parts = " · ".join(f"{name} {ms:.1f}" for name, ms in result.timings_ms.items())
-    line = f"**{len(result.hits)} {what}** in **{result.total_ms:.1f} ms** ({parts} ms)"
-    if ignored:
-        line += f"  \nIgnored, not in the model's vocabulary: {', '.join(ignored)}"
-    return line
+    lines = [f"**{what}** in **{result.total_ms:.1f} ms** ({parts} ms)"]
+    lines += [f"ℹ️ {html.escape(n)}" for n in ans.notices]
+    return "  \n".join(lines)
 
 
-def details_text(engine: RetrievalEngine, tab: Tab, result: SearchResult) -> str:
+def details_text(engine: RetrievalEngine, tab: Tab, ans: Answer) -> str:
     info = engine.describe()
     target = "items" if tab.target == "image" else "texts"
     return (
-        f"query code ({info['bits']} bits, hex): `{result.code_hex}`  \n"
+        f"query code ({info['bits']} bits, hex): `{ans.result.code_hex}`  \n"
         f"index: **{info['index']}** over {info[target]} {target}"
         f"{' (weighted Hamming re-ranking)' if info['weighted'] else ''}"
     )
-
-
-def result_json(result: SearchResult, describe: dict[str, Any], ignored: list[str]) -> dict[str, Any]:
-    """A JSON-friendly summary for API clients (no server file paths)."""
-    hits = [{k: v for k, v in asdict(h).items() if k != "image_path"} for h in result.hits]
-    return {
-        "direction": result.direction, "query": result.query, "hits": hits,
-        "code_hex": result.code_hex, "index": describe["index"], "bits": describe["bits"],
-        "timings_ms": result.timings_ms, "total_ms": result.total_ms, "ignored_words": ignored,
-        "error": None,
-    }  # fmt: skip
 
 
 # -- the app ---------------------------------------------------------------------------------------
@@ -203,11 +273,19 @@ def map_table(metrics: dict[str, Any] | None) -> str:
     )
 
 
-class TabView:
-    """The components of one tab and the function that fills them."""
+def servable(path: str, roots: list[Path]) -> bool:
+    """Whether ``path`` is a file inside one of the folders the app may serve."""
+    if not path:
+        return False
+    p = Path(path).resolve()
+    return p.is_file() and any(p.is_relative_to(root) for root in roots)
 
-    def __init__(self, engine: RetrievalEngine, tab: Tab, roots: list[Path], k: int) -> None:
-        self.engine, self.tab, self.roots, self.k = engine, tab, roots, k
+
+class TabView:
+    """The components of one tab and the functions that fill and clear them."""
+
+    def __init__(self, live: LiveEngine, tab: Tab, k: int) -> None:
+        self.live, self.tab, self.k = live, tab, k
 
     def build(self, examples: list[Any]) -> None:
         """Lay out the tab: query row, clickable examples, then the results."""
@@ -220,9 +298,13 @@ class TabView:
                         fn=lambda q: self.search(q, self.k), run_on_click=True, cache_examples=False,
                         api_visibility="private", label="Examples (click to search)")  # fmt: skip
         self.status.render()
-        if self.table is not None:
+        if self.tab.target == "text":  # captions: the table first, then the item of each
             self.table.render()
-        self.gallery.render()
+            self.cards.render()
+        else:
+            self.cards.render()
+            with gr.Accordion("The results as a table (to copy)", open=False):
+                self.table.render()
         with gr.Accordion("Query code and index", open=False):
             self.details.render()
         self.json.render()
@@ -234,11 +316,12 @@ class TabView:
         with gr.Row():
             if self.tab.source == "text":
                 hint = "e.g. " + ", ".join(examples[:2]) if examples else "keywords"
-                self.query = gr.Textbox(label="Keywords", placeholder=hint, scale=4, elem_id=f"{name}_query")
+                self.query = gr.Textbox(label="Keywords", placeholder=hint, scale=4, lines=1,
+                                        max_lines=QUERY_LINES, elem_id=f"{name}_query")  # fmt: skip
             else:
                 self.query = gr.Image(label="Query image", type="filepath", sources=["upload", "clipboard"],
                                       height=220, scale=2, elem_id=f"{name}_query")  # fmt: skip
-            with gr.Column(scale=1):
+            with gr.Column(scale=1, min_width=160):
                 self.slider = gr.Slider(1, MAX_K, value=self.k, step=1, label="k (results)")
                 self.button = gr.Button("Search", variant="primary", elem_id=f"{name}_button")
 
@@ -248,42 +331,45 @@ class TabView:
 
         name, hidden = self.tab.api_name, {"render": False}
         self.status = gr.Markdown(elem_id=f"{name}_status", **hidden)
-        self.table = None
-        if self.tab.target == "text":
-            self.table = gr.Dataframe(headers=TABLE_HEADERS, label="Matching captions", interactive=False,
-                                      wrap=True, elem_id=f"{name}_table", **hidden)  # fmt: skip
-        label = "Images" if self.tab.target == "image" else "The item each caption belongs to"
-        self.gallery = gr.Gallery(label=label, columns=6, height="auto", object_fit="contain",
-                                  elem_id=f"{name}_gallery", **hidden)  # fmt: skip
+        label = "Matching captions" if self.tab.target == "text" else "Images"
+        self.table = gr.Dataframe(headers=TABLE_HEADERS, label=label, interactive=False, wrap=True,
+                                  elem_id=f"{name}_table", **hidden)  # fmt: skip
+        self.cards = gr.HTML(elem_id=f"{name}_results", **hidden)
         self.details = gr.Markdown(**hidden)
         self.json = gr.JSON(label="Result (JSON)", visible=False, **hidden)
 
     def outputs(self) -> list[gr.components.Component]:
-        table = [self.table] if self.table is not None else []
-        return [self.gallery, *table, self.status, self.details, self.json]
+        """The same five for every tab, so every endpoint returns ``(results, table, status,
+        details, result)``."""
+        return [self.cards, self.table, self.status, self.details, self.json]
 
     def search(self, query: Any, k: Any) -> tuple[Any, ...]:
-        """The event handler: engine call, then one value per output component."""
-        result = run_search(self.engine, self.tab, query, k)
-        if isinstance(result, str):
-            return self._message(result)
-        gallery = [(h.image_path, hit_caption(h)) for h in result.hits if servable(h.image_path, self.roots)]
-        rows = [[h.rank, format_distance(h.distance), h.caption, h.key] for h in result.hits]
-        table = [rows] if self.table is not None else []
-        ignored = self.engine.ignored_words(query) if self.tab.source == "text" else []
-        return (gallery, *table, status_line(self.tab, result, ignored),
-                details_text(self.engine, self.tab, result),
-                result_json(result, self.engine.describe(), ignored))  # fmt: skip
+        """The event handler: one value per output component; bad input clears the results."""
+        from crossmodal.serving.http import answer_json
+
+        engine = self.live.get()
+        ans = web_search(engine, self.tab, query, k)
+        if isinstance(ans, str):
+            return self._message(ans)
+        hits = ans.result.hits
+        rows = [[h.rank, format_distance(h.distance), hit_caption(h), h.key, h.item_id] for h in hits]
+        return (cards_html(hits), rows, status_line(self.tab, ans), details_text(engine, self.tab, ans),
+                answer_json(ans, engine.describe()))  # fmt: skip
 
     def _message(self, message: str) -> tuple[Any, ...]:
         import gradio as gr
 
+        from crossmodal.serving.http import error_json
+
         gr.Warning(message)
-        table = [[]] if self.table is not None else []
-        return ([], *table, f"⚠️ {message}", "", {"error": message, "hits": []})
+        return "", [], f"⚠️ {html.escape(message)}", "", error_json(message)
+
+    def cleared(self) -> tuple[Any, ...]:
+        """Empty results and status (a cleared query, an upload the server refused)."""
+        return "", [], "", "", None
 
     def wire(self) -> None:
-        """Search on the button and on Enter / upload, under one stable ``api_name``."""
+        """Search on the button and on Enter / upload; clear the results with the query."""
         import gradio as gr
 
         triggers = [self.button.click]
@@ -292,53 +378,78 @@ class TabView:
         # file becomes a message instead of a Gradio preprocessing error
         gr.on(triggers, self.search, inputs=[self.query, self.slider], outputs=self.outputs(),
               api_name=self.tab.api_name, preprocess=False)  # fmt: skip
+        if self.tab.source == "image":  # a refused upload (too large) empties the query too
+            gr.on([self.query.clear, self.query.change], self.clear_if_empty, inputs=[self.query],
+                  outputs=self.outputs(), api_visibility="private", queue=False,
+                  preprocess=False)  # fmt: skip
+
+    def clear_if_empty(self, query: Any) -> tuple[Any, ...]:
+        """Empty results when the query image is gone; else leave them to the search."""
+        import gradio as gr
+
+        return self.cleared() if not query else tuple(gr.skip() for _ in self.outputs())
 
 
-def build_app(engine: RetrievalEngine, k: int = DEFAULT_K) -> gr.Blocks:
+def build_app(engine: RetrievalEngine | LiveEngine, k: int = DEFAULT_K) -> gr.Blocks:
     """The Gradio Blocks for ``engine``: four search tabs and an "About this run" panel."""
     import gradio as gr
 
-    roots = engine.image_roots()
-    texts, images = example_queries(engine), example_images(engine, roots)
-    describe = engine.describe()
+    from crossmodal.serving.http import about_json
+
+    live = as_live(engine)
+    first = live.get()
+    roots = first.image_roots()
+    texts, images = example_queries(first), example_images(first, roots)
+    describe = first.describe()
     with gr.Blocks(title=f"crossmodal: {describe['dataset']}", analytics_enabled=False) as demo:
         gr.Markdown(
             f"# crossmodal · {describe['dataset']}\nCross-modal retrieval on {describe['bits']}-bit hash "
             "codes: type keywords to find images, or upload an image to read captions."
         )
         with gr.Accordion("About this run", open=False):
-            gr.Markdown(about_markdown(engine), elem_id="about")
+            about = gr.Markdown(about_markdown(first), elem_id="about")
         for tab in TABS:
             with gr.Tab(tab.title, id=tab.api_name):
-                view = TabView(engine, tab, roots, k)
+                view = TabView(live, tab, k)
                 view.build(texts if tab.source == "text" else images)
                 view.wire()
 
-        def about() -> dict:
+        def about_run() -> dict:
             """What the run is: dataset, towers, loss, code length, index kind and size."""
-            return {**describe, "run": Path(describe["run"]).name, "examples": texts}
+            return {**about_json(live.get()), "examples": texts}
 
-        gr.api(about, api_name="about")
+        gr.api(about_run, api_name="about")
+        demo.load(lambda: about_markdown(live.get()), outputs=about, api_visibility="private", queue=False)
     return demo
 
 
-def serve(engine: RetrievalEngine, host: str = "127.0.0.1", port: int | None = 7860, k: int = DEFAULT_K,
-          prevent_thread_lock: bool = False) -> tuple[gr.Blocks, str]:  # fmt: skip
-    """Build, queue and launch the app on ``host:port``, serving only the run's files.
+def as_live(engine: RetrievalEngine | LiveEngine) -> LiveEngine:
+    """``engine`` as a ``LiveEngine`` (one that follows changes of its run)."""
+    from crossmodal.serving.live import LiveEngine
+
+    return engine if isinstance(engine, LiveEngine) else LiveEngine(engine)
+
+
+def serve(engine: RetrievalEngine | LiveEngine, host: str = "127.0.0.1", port: int | None = 7860,
+          k: int = DEFAULT_K, prevent_thread_lock: bool = False) -> tuple[gr.Blocks, str]:  # fmt: skip
+    """Build, queue and launch the app on ``host:port``, with the HTTP API on the same server.
 
     Returns:
         The running Blocks (``.close()`` stops it) and its local URL.
     """
     import gradio as gr
 
-    demo = build_app(engine, k=k)
+    from crossmodal.serving.http import api_routes
+
+    live = as_live(engine)
+    demo = build_app(live, k=k)
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=64)
     theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=["ui-monospace", "monospace"])
     _, url, _ = demo.launch(
         server_name=host, server_port=port, share=False, prevent_thread_lock=prevent_thread_lock,
-        allowed_paths=[str(p) for p in engine.image_roots()], max_file_size=MAX_FILE_SIZE,
+        allowed_paths=[str(p) for p in live.get().image_roots()], max_file_size=MAX_FILE_SIZE,
         show_error=False, enable_monitoring=False, mcp_server=False, ssr_mode=False, quiet=True,
-        theme=theme, footer_links=["api"],
+        theme=theme, css=CSS, footer_links=["api"], app_kwargs={"routes": api_routes(live.get)},
     )  # fmt: skip
     return demo, url
 
@@ -378,7 +489,7 @@ def parse_args(argv: list[str] | None, prog: str = "crossmodal serve") -> argpar
 
 
 def load_engine(run: str) -> RetrievalEngine:
-    """Open the run, or exit with code 2 and a message that says what to run."""
+    """Open the run, or exit with code 2 and one line that says what is wrong and what to run."""
     from crossmodal.runs.folder import RunError
     from crossmodal.serving import RetrievalEngine
     from crossmodal.store import StoreError
@@ -387,11 +498,25 @@ def load_engine(run: str) -> RetrievalEngine:
         return RetrievalEngine.load(run)
     except (RunError, StoreError, OSError, ValueError) as exc:
         log.debug("loading %s failed", run, exc_info=True)
-        # the error says what to run; a folder that is no run at all gets the way to make one
-        is_run = Path(run).is_dir() and (Path(run) / "manifest.json").exists()
-        hint = "" if is_run else TRAIN_HINT.format(run=run)
-        sys.stderr.write(f"{PROG}: cannot open run {run}: {exc}\n" + (f"{hint}\n" if hint else ""))
+        sys.stderr.write(f"{PROG}: cannot open run {run}: {open_error(run, str(exc))}\n")
         raise SystemExit(2) from None
+
+
+def open_error(run: str, message: str) -> str:
+    """The reason a run did not open, in words, with one hint: a folder that is no run at all
+    gets the way to build one; a damaged run keeps the loader's own advice (what to re-run)."""
+    folder = Path(run)
+    if not folder.is_dir():
+        return f"there is no run folder there. {TRAIN_HINT}"
+    if not (folder / "manifest.json").exists():
+        return f"the folder is not a trained run (it has no manifest.json). {TRAIN_HINT}"
+    return FAISS_ASSERT.sub(faiss_words, message)
+
+
+def faiss_words(match: re.Match[str]) -> str:
+    """FAISS' C++ assertion, in words (the assertion's own explanation kept in brackets)."""
+    why = (match.group(1) or "").strip()
+    return "the file is damaged (its contents do not parse as a FAISS index" + (f": {why})" if why else ")")
 
 
 def prepare(config: str, overrides: list[str]) -> Path:

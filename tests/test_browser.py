@@ -62,8 +62,8 @@ def test_keywords_show_images_and_an_upload_shows_captions(app_url, tmp_path):
 
             page.locator("#text_to_images_query textarea").fill("a red square")
             page.locator("#text_to_images_button").click()
-            expect(page.locator("#text_to_images_gallery img").first).to_be_visible()
-            assert page.locator("#text_to_images_gallery img").count() >= 5
+            expect(page.locator("#text_to_images_results img").first).to_be_visible()
+            assert page.locator("#text_to_images_results img").count() >= 5
             expect(page.locator("#text_to_images_status")).to_contain_text("ms")
             screenshot(page, tmp_path / "text_to_images.png")
 
@@ -71,7 +71,7 @@ def test_keywords_show_images_and_an_upload_shows_captions(app_url, tmp_path):
             page.locator("#image_to_captions_query input[type=file]").set_input_files(image)
             table = page.locator("#image_to_captions_table")
             expect(table).to_contain_text("red")
-            expect(page.locator("#image_to_captions_gallery img").first).to_be_visible()
+            expect(page.locator("#image_to_captions_results img").first).to_be_visible()
             screenshot(page, tmp_path / "image_to_captions.png")
         finally:
             browser.close()
