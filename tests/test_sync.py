@@ -186,3 +186,14 @@ def test_a_killed_sync_leaves_the_run_as_it_was(tiny_run_copy, tmp_path, kill_at
     assert held(run, folder) == before and folder_state(run) == state
     info = sync_run(run, folder, progress=False)  # run again: done once
     assert (info["reencoded"], info["removed"], info["unchanged"]) == (1, 1, 2)
+
+
+def test_a_sync_reads_the_folder_with_the_options_it_was_added_with(tiny_run_copy, tmp_path):
+    run = tiny_run_copy
+    folder = image_folder(tmp_path / "photos", 3)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    (folder / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": r["file_name"], "description": r["text"]}) + "\n" for r in rows))
+    add_to_run(run, str(folder), {"text_column": "description"}, progress=False)
+    assert held(run, folder)["new0000.png"]["captions"] == ["a red square"]
+    assert sync_run(run, folder, progress=False)["changed"] is False

@@ -62,7 +62,8 @@ def sync_run(
     """Bring the items a run holds from image folder ``folder`` in step with it (see the module).
 
     Args:
-        options: options of the ``imagefolder`` dataset (e.g. ``metadata``, ``text_column``).
+        options: options of the ``imagefolder`` dataset (e.g. ``metadata``, ``text_column``);
+            default: those the folder was last added or synced with.
         command: the command line recorded in the run's lock and journal.
 
     Returns:
@@ -84,6 +85,7 @@ def sync_run(
 def _sync(run_dir: Path, origin: str, options: dict[str, Any], progress: bool) -> dict[str, Any]:
     started = time.perf_counter()
     manifest = check_run(run_dir, need=("model.safetensors", *INDEX_PARTS))
+    options = options or last_options(manifest, origin)
     dataset = open_dataset("imagefolder", {**options, "root": origin})
     with MetadataStore.open(run_dir / "store.sqlite") as store:
         held = store.items_of_source(origin)
@@ -110,6 +112,8 @@ def _sync(run_dir: Path, origin: str, options: dict[str, Any], progress: bool) -
     info = {**manifest["index"], "items": int(indexes["image"].ntotal), "texts": int(indexes["text"].ntotal)}
     entry = {"source": origin, "items": len(plan.new), "texts": len(new.texts), "sync": {
         k: result[k] for k in ("reencoded", "removed", "unchanged")}}  # fmt: skip
+    if options:
+        entry["options"] = options
     info["added"] = [*info.get("added", []), entry]
 
     def edit(store: MetadataStore) -> None:
@@ -124,6 +128,13 @@ def _sync(run_dir: Path, origin: str, options: dict[str, Any], progress: bool) -
             (run_dir / it["image_path"]).unlink(missing_ok=True)
     return {**result, "items": info["items"], "texts": info["texts"],
             "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
+
+
+def last_options(manifest: dict[str, Any], source: str) -> dict[str, Any]:
+    """The dataset options ``source`` was last added or synced with (the manifest's ``index.added``)."""
+    entries = [a for a in (manifest.get("index") or {}).get("added") or []
+               if isinstance(a, dict) and a.get("source") == source]  # fmt: skip
+    return dict(entries[-1].get("options") or {}) if entries else {}
 
 
 def plan_sync(
