@@ -402,13 +402,6 @@ def _search_one(engine, args: argparse.Namespace, query: str):
     return (engine.similar_images if args.same else engine.search_image)(query, args.k)
 
 
-def format_result(result) -> str:
-    """The table ``crossmodal search`` prints for ``result``, 100 columns wide."""
-    from crossmodal.serving.output import table
-
-    return table(result)
-
-
 # -- serve ------------------------------------------------------------------------------------
 def _serve_args(p: argparse.ArgumentParser) -> None:
     from crossmodal.app import add_args, check_args
