@@ -151,8 +151,8 @@ def answer(engine: RetrievalEngine, direction: str, query: Any, k: Any, name: st
         result = getattr(engine, d.method)(query, k=min(asked, MAX_K))
     except (QueryError, ImageDecodeError, ValueError, TypeError) as exc:
         message = str(exc)
-        if isinstance(query, str | Path) and d.source == "image":
-            message = message.replace(str(query), label)
+        if d.source == "image":  # the engine names a path by itself and bytes as "<image>"
+            message = message.replace(str(query) if isinstance(query, str | Path) else "<image>", label)
         raise RequestError(message) from None
     ignored = engine.ignored_words(query) if d.source == "text" else []
     truncated = query_truncation(engine, query) if d.source == "text" else None
@@ -293,10 +293,10 @@ def api_routes(get_engine: Callable[[], RetrievalEngine]) -> list[Any]:
     def about() -> Any:
         return JSONResponse(about_json(get_engine()))
 
-    def image(item_id: int) -> Any:
-        path = item_image(get_engine(), item_id)
+    def image(item_id: str) -> Any:
+        path = item_image(get_engine(), int(item_id)) if item_id.isdigit() else None
         if path is None:
-            return JSONResponse(error_json(f"item {item_id} has no image here"), status_code=404)
+            return JSONResponse(error_json(f"no image of item {item_id[:40]!r} here"), status_code=404)
         return FileResponse(path)
 
     return [
