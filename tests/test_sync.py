@@ -116,9 +116,10 @@ def test_a_folder_never_added_is_added_and_items_without_stamps_are_reencoded(ti
     folder = image_folder(tmp_path / "photos", 3)
     info = sync_run(run, folder, progress=False)
     assert (info["added"], info["reencoded"], info["removed"]) == (3, 0, 0)
-    with MetadataStore.open(run / "store.sqlite", readonly=False) as store:  # as an add of an older version
-        store._conn.execute("DELETE FROM stamps")
+    with MetadataStore.open(run / "store.sqlite", readonly=False) as store:  # a store of an older version
+        store._conn.execute("DROP TABLE stamps")
         store._conn.commit()
+        assert store.get_stamps(store.item_ids()) == {}
     assert sync_run(run, folder, progress=False)["reencoded"] == 3
     assert sync_run(run, folder, progress=False)["changed"] is False
 
@@ -197,3 +198,15 @@ def test_a_sync_reads_the_folder_with_the_options_it_was_added_with(tiny_run_cop
     add_to_run(run, str(folder), {"text_column": "description"}, progress=False)
     assert held(run, folder)["new0000.png"]["captions"] == ["a red square"]
     assert sync_run(run, folder, progress=False)["changed"] is False
+
+
+def test_store_stamps_go_with_their_items(tmp_path):
+    items = [{"item_id": i, "key": f"k{i}", "source": "/photos" if i < 2 else "other"} for i in range(3)]
+    with MetadataStore.build(tmp_path / "s.sqlite", items) as built:
+        assert built.get_stamps([0, 1, 2]) == {}
+    with MetadataStore.open(tmp_path / "s.sqlite", readonly=False) as store:
+        store.set_stamps([{"item_id": i, "size": 10 + i, "mtime_ns": 7, "record": "r"} for i in range(3)])
+        assert [it["key"] for it in store.items_of_source("/photos")] == ["k0", "k1"]
+        store.remove_items([1])
+        assert store.get_stamps([2, 1, 0]) == {0: {"size": 10, "mtime_ns": 7, "record": "r"},
+                                               2: {"size": 12, "mtime_ns": 7, "record": "r"}}  # fmt: skip
