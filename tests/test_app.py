@@ -389,3 +389,35 @@ def test_a_running_app_sees_items_added_to_its_run(app_module, tiny_run_copy, tm
     finally:
         demo.close()
         engine.close()
+
+
+def test_the_live_engine_reloads_only_a_finished_update(tiny_run_copy, caplog):
+    import os
+
+    from crossmodal.runs.folder import JOURNAL
+    from crossmodal.serving import RetrievalEngine
+    from crossmodal.serving.live import LiveEngine
+
+    def touch(path: Path) -> None:
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+    manifest = tiny_run_copy / "manifest.json"
+    live = LiveEngine(RetrievalEngine.load(tiny_run_copy))
+    try:
+        first = live.get()
+        assert live.get() is first and live.reloads == 0, "an unchanged run is not loaded again"
+        (tiny_run_copy / JOURNAL).write_text("{}")  # a writer is renaming its files into place
+        touch(manifest)
+        assert live.get() is first and live.reloads == 0
+        (tiny_run_copy / JOURNAL).unlink()
+        second = live.get()
+        assert second is not first and live.reloads == 1 and second.describe()["items"] == 96
+        (tiny_run_copy / "broken").write_bytes(b"not a database")  # writers rename files into place
+        os.replace(tiny_run_copy / "broken", tiny_run_copy / "store.sqlite")
+        touch(manifest)
+        assert live.get() is second and live.reloads == 1, "a run that does not load leaves the last one"
+        assert "cannot be loaded" in caplog.text and "still serving the run as it was" in caplog.text
+        assert len(second.search_text("red", k=3).hits) == 3
+    finally:
+        live.close()
