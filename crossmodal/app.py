@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("crossmodal.app")
 
-DEFAULT_K = 12
+DEFAULT_K = 12  # as crossmodal.serving.http (not imported here: --help stays light)
 MAX_K = 100
 MAX_FILE_SIZE = "10mb"
 CONCURRENCY = 2  # the demo machine has two cores; torch holds a lock per engine anyway

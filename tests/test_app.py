@@ -184,6 +184,13 @@ def test_a_k_above_the_limit_gets_the_limit_and_a_notice(served):
     assert result["notices"] == ["k = 1,000 is more than a search returns: showing the best 100."]
 
 
+def test_the_app_and_the_http_api_share_their_limits(app_module):
+    from crossmodal.serving import http
+
+    assert (app_module.DEFAULT_K, app_module.MAX_K) == (http.DEFAULT_K, http.MAX_K)
+    assert app_module.MAX_FILE_SIZE == f"{http.MAX_UPLOAD_BYTES // 2**20}mb"
+
+
 def test_status_line_counts_in_words(app_module, engine):
     from crossmodal.serving.http import answer
 
