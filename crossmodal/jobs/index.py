@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -50,6 +50,9 @@ from crossmodal.runs.model import load_model
 from crossmodal.runs.state import INDEX_PARTS
 from crossmodal.store import MetadataStore, StoreError
 from crossmodal.text import QueryError
+
+if TYPE_CHECKING:
+    from crossmodal.jobs.ray_encode import RayOptions
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +166,7 @@ def index_run(
     params: dict[str, Any] | None = None,
     progress: bool = True,
     command: str | None = None,
+    ray: RayOptions | None = None,
 ) -> dict[str, Any]:
     """Encode every item of a trained run's dataset (the query split too: evaluation keeps its
     split apart), and the items added to it, into new indexes, store and manifest.
@@ -173,6 +177,7 @@ def index_run(
     Args:
         command: the command line recorded in the run's lock and journal (default: the
             ``crossmodal index`` line that does this).
+        ray: encode on a Ray cluster (``crossmodal.jobs.ray_encode``) instead of in this process.
 
     Raises:
         RunError: the run is untrained or damaged, its dataset changed since training, or
@@ -183,10 +188,11 @@ def index_run(
     default = f"crossmodal index --run {run_dir}" + (f" --kind {kind}" if kind else "")
     with lock_run(run_dir, command or default):
         recover_run(run_dir)
-        return _index(run_dir, kind, params, progress)
+        return _index(run_dir, kind, params, progress, ray)
 
 
-def _index(run_dir: Path, kind: str | None, params: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
+def _index(run_dir: Path, kind: str | None, params: dict[str, Any] | None, progress: bool,
+           ray: RayOptions | None = None) -> dict[str, Any]:  # fmt: skip
     started = time.perf_counter()
     data = open_run_data(run_dir)
     cfg, dataset = data.cfg, data.dataset
@@ -202,6 +208,11 @@ def _index(run_dir: Path, kind: str | None, params: dict[str, Any] | None, progr
     per_caption = dataset.info.relevance == RELEVANCE_IMAGE
     text_ids = np.array([u["text_id"] for u in units], dtype=np.int64)
     added = stored_additions(run_dir, data.manifest, served, text_ids)
+    if ray is not None:
+        from crossmodal.jobs.ray_encode import index_on_ray
+
+        image_index, text_index = index_on_ray(run_dir, ray, kind, params, model, dataset, db, units, added)
+        return _write_index(run_dir, dataset, db, units, added, previous, image_index, text_index, started)
     feats = frozen_features(data, model)
     image_index = build_index(
         kind, model.bits, params, model, dataset, db, "image", feats["image"], None, db, progress
@@ -217,6 +228,16 @@ def _index(run_dir: Path, kind: str | None, params: dict[str, Any] | None, progr
                     stored_images(run_dir, added.items), progress=progress)  # fmt: skip
         encode_into(model, text_index, "text", [t["text_id"] for t in added.texts],
                     texts=[t["caption"] for t in added.texts], progress=progress)  # fmt: skip
+    return _write_index(run_dir, dataset, db, units, added, previous, image_index, text_index, started)
+
+
+def _write_index(
+    run_dir: Path, dataset: CrossModalDataset, db: np.ndarray, units: list[dict[str, Any]], added: Additions,
+    previous: dict[str, Any], image_index: BinaryIndex, text_index: BinaryIndex, started: float,
+) -> dict[str, Any]:  # fmt: skip
+    """The journaled update of a whole index job: both indexes, the store and the manifest's entry."""
+    kind = image_index.kind
+    per_caption = dataset.info.relevance == RELEVANCE_IMAGE
     with RunUpdate(run_dir) as update:  # all four files replace the old ones together
         image_index.save(update.path("image.index"))
         text_index.save(update.path("text.index"))
@@ -386,6 +407,7 @@ def add_to_run(
     options: dict[str, Any] | None = None,
     progress: bool = True,
     command: str | None = None,
+    ray: RayOptions | None = None,
 ) -> dict[str, Any]:
     """Add every item of a dataset (a registered name, or an image folder) to a run's indexes.
 
@@ -400,6 +422,7 @@ def add_to_run(
     Args:
         command: the command line recorded in the run's lock and journal (default: the
             ``crossmodal index --add`` line that does this).
+        ray: encode on a Ray cluster (``crossmodal.jobs.ray_encode``) instead of in this process.
 
     Returns:
         ``added_items``, ``added_texts``, ``source`` (a folder as an absolute path),
@@ -412,10 +435,11 @@ def add_to_run(
     run_dir = Path(run_dir)
     with lock_run(run_dir, command or f"crossmodal index --run {run_dir} --add {source}"):
         recover_run(run_dir)
-        return _add(run_dir, source, dict(options or {}), progress)
+        return _add(run_dir, source, dict(options or {}), progress, ray)
 
 
-def _add(run_dir: Path, source: str, options: dict[str, Any], progress: bool) -> dict[str, Any]:
+def _add(run_dir: Path, source: str, options: dict[str, Any], progress: bool,
+         ray: RayOptions | None = None) -> dict[str, Any]:  # fmt: skip
     manifest = check_run(run_dir, need=("model.safetensors", *INDEX_PARTS))
     name = origin = source
     if Path(source).is_dir():
@@ -440,7 +464,7 @@ def _add(run_dir: Path, source: str, options: dict[str, Any], progress: bool) ->
     item_ids = first_item + np.arange(positions.size)
     new = encode_new_items(run_dir, model, indexes, dataset, positions, item_ids, origin,
                            first_text=first_text, per_caption=per_caption(dataset, manifest),
-                           run_labels=run_labels, progress=progress)  # fmt: skip
+                           run_labels=run_labels, progress=progress, ray=ray)  # fmt: skip
     items, units, stamps, result["unknown_labels"] = new.items, new.texts, new.stamps, new.unknown_labels
     if result["unknown_labels"]:
         log.info("%s: labels of %s that the run does not have were not stored: %s", run_dir, origin,
@@ -480,7 +504,7 @@ class NewItems:
 def encode_new_items(
     run_dir: Path, model: TwoTowerHasher, indexes: dict[str, BinaryIndex], dataset: CrossModalDataset,
     positions: np.ndarray, item_ids: np.ndarray, source: str, *, first_text: int, per_caption: bool,
-    run_labels: list[str], progress: bool = True,
+    run_labels: list[str], progress: bool = True, ray: RayOptions | None = None,
 ) -> NewItems:  # fmt: skip
     """Encode items ``positions`` of ``dataset`` into ``indexes`` under ``item_ids`` (texts from
     ``first_text`` on when ``per_caption``, else under their item's id), write their thumbnails,
@@ -492,9 +516,14 @@ def encode_new_items(
         u["text_id"] = first_text + j if per_caption else u["item_id"]
     labels, unknown = run_label_names(dataset, positions, run_labels)
     stamps = item_stamps(dataset, positions, item_ids)  # before encoding: a file changed since is seen
-    encode_into(model, indexes["image"], "image", item_ids, dataset, positions, progress=progress)
-    encode_into(model, indexes["text"], "text", [u["text_id"] for u in units],
-                texts=[u["caption"] for u in units], progress=progress)  # fmt: skip
+    if ray is not None:  # on a Ray cluster (crossmodal index --add --ray)
+        from crossmodal.jobs.ray_encode import add_on_ray
+
+        add_on_ray(run_dir, ray, model, indexes, dataset, positions, item_ids, units)
+    else:
+        encode_into(model, indexes["image"], "image", item_ids, dataset, positions, progress=progress)
+        encode_into(model, indexes["text"], "text", [u["text_id"] for u in units],
+                    texts=[u["caption"] for u in units], progress=progress)  # fmt: skip
     paths = write_thumbnails(dataset, positions, run_dir, item_ids, overwrite=True)
     items = [{"item_id": int(i), "key": k, "image_path": p, "labels": names, "source": source}
              for i, k, p, names in zip(item_ids, dataset.ids_of(positions), paths, labels)]  # fmt: skip

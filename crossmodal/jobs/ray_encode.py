@@ -1,0 +1,351 @@
+"""Encoding a collection on a Ray cluster: ``crossmodal index --ray [ADDRESS]``.
+
+The driver plans as the single-process job does (which items, their ids, keys, captions and
+labels: metadata only, with the same functions of ``crossmodal.jobs.index``). Ray Data reads
+the images in blocks (``read_binary_files`` for image files, Arrow blocks for images held
+inline by a dataset) and the texts, and ``map_batches`` runs them through an actor pool whose
+actors load the run's encoders once each: its exported ONNX encoders when it has them, else
+its torch model (``crossmodal.serving.encoders``), the same choice as serving. The actors
+write Parquet shards of packed codes:
+
+    <shards>/image/*.parquet    id int64, code fixed_size_binary[bits / 8]
+    <shards>/text/*.parquet     id int64, code fixed_size_binary[bits / 8]
+
+The driver reads the shards back in id order and builds the FAISS indexes (an IVF index
+trained on a sample of them) and the store, through the same journaled ``RunUpdate`` as
+without Ray: a job that fails or is killed leaves the run as it was. Shards go to a hidden
+folder inside the run (``.staging-ray-*``, removed by the next writer if a job is killed), or
+under ``--shards DIR`` (shared storage a cluster's workers can write to); they are removed once
+the run is updated.
+
+Ray is imported only here, and only when ``--ray`` is asked for (the ``distributed`` extra).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crossmodal.codes import pack_codes
+from crossmodal.images import open_image
+from crossmodal.index import BinaryIndex, create_index, default_nlist
+from crossmodal.runs.folder import STAGING_PREFIX, RunError, read_manifest
+from crossmodal.serving.encoders import choose_backend, load_encoders
+
+log = logging.getLogger(__name__)
+
+SHARD_PREFIX = f"{STAGING_PREFIX}ray-"  # inside a run: cleaned by recover_run after a kill
+MAX_BLOCK_ROWS = 1024  # rows of a Ray block: about 50 MB of typical images
+IVF_SAMPLE_PER_LIST = 256  # training codes per IVF list (FAISS wants 39 to 256)
+
+
+@dataclass
+class RayOptions:
+    """How ``crossmodal index --ray`` runs.
+
+    Attributes:
+        address: the Ray cluster (``auto``, ``ray://host:10001``); None starts a local one
+            (or joins the one ``RAY_ADDRESS`` names). A cluster already connected in this
+            process is used as it is.
+        shards: a folder for the code shards, on storage every worker can write and the
+            driver read; None: a hidden folder inside the run.
+        workers: actors in the encoding pool (default: the cluster's CPUs less one, at least 1).
+        batch_size: images or texts per ``map_batches`` call.
+        progress: Ray Data's progress bars.
+    """
+
+    address: str | None = None
+    shards: str | None = None
+    workers: int | None = None
+    batch_size: int = 64
+    progress: bool = True
+
+
+class Encode:
+    """The actor of the encoding pool: a run's encoders, loaded once, over blocks of rows.
+
+    Rows are ``{"id", "bytes"}`` (images held inline), ``{"path", "bytes"}`` (image files:
+    ``path_ids`` maps each path to its id) or ``{"id", "text"}``; each batch becomes a table
+    ``id int64, code fixed_size_binary[bits / 8]``.
+    """
+
+    def __init__(self, run_dir: str, backend: str, modality: str, imports: tuple[str, ...] = (),
+                 path_ids: dict[str, int] | None = None) -> None:  # fmt: skip
+        for module in imports:  # the modules that register the run's own towers
+            importlib.import_module(module)
+        self.encoders = load_encoders(run_dir, read_manifest(run_dir), backend, threads=1)
+        self.modality, self.path_ids = modality, path_ids or {}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+        import pyarrow as pa
+
+        if "path" in batch:  # image files, named by their paths
+            names = [str(p) for p in batch["path"]]
+            ids = np.array([self.path_ids[p] for p in names], dtype=np.int64)
+        else:
+            ids = np.asarray(batch["id"], dtype=np.int64)
+            names = [f"id {i}" for i in ids]
+        if self.modality == "text":
+            codes = self.encoders.encode_texts([str(t) for t in batch["text"]])
+        else:
+            codes = self.encoders.encode_images([self.decode(d, n) for d, n in zip(batch["bytes"], names)])
+        packed = pack_codes(codes)  # [b, bits / 8]
+        width = packed.shape[1]
+        return pa.table({"id": pa.array(ids, pa.int64()),
+                         "code": pa.array([row.tobytes() for row in packed], pa.binary(width))})  # fmt: skip
+
+    @staticmethod
+    def decode(data: bytes, name: Any) -> Any:
+        from crossmodal.images import ImageDecodeError
+
+        try:
+            return open_image(bytes(data))
+        except ImageDecodeError as exc:
+            raise ImageDecodeError(f"item {name}: {exc}") from None
+
+
+@contextmanager
+def ray_session(address: str | None) -> Iterator[Any]:
+    """``ray`` connected to ``address`` for the with-block (shut down after, if connected here)."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@contextmanager
+def shard_folder(run_dir: Path, shards: str | None) -> Iterator[Path]:
+    """A new folder for one job's shards: inside the run, or under ``shards``; removed after a
+    successful update (a failed job's shards under ``shards`` are kept and named)."""
+    base = Path(shards) if shards else run_dir
+    base.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=SHARD_PREFIX if not shards else "crossmodal-shards-", dir=base))
+    try:
+        yield folder
+    except BaseException:
+        if shards:
+            log.warning("the shards of the failed job are left in %s", folder)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def plugin_modules(model: Any) -> tuple[str, ...]:
+    """Modules outside crossmodal that define the towers of a torch model (registered by their
+    import), for the workers to import before they rebuild the model."""
+    found = {type(t).__module__ for t in (model.image_tower, model.text_tower)}
+    return tuple(sorted(m for m in found if m.split(".")[0] != "crossmodal"))
+
+
+def _rows_per_block(n: int, workers: int, batch_size: int) -> int:
+    """Enough blocks to keep every worker busy, none larger than ``MAX_BLOCK_ROWS``."""
+    return int(min(MAX_BLOCK_ROWS, max(batch_size, math.ceil(n / (4 * workers)))))
+
+
+class RayJob:
+    """One ``--ray`` job: a connected cluster, the run's encoders by name, and a shard folder.
+
+    Args:
+        ray: the connected ``ray`` module (``ray_session``).
+        run_dir: the run, on storage the workers read (they load its encoders).
+        model: the run's torch model, loaded by the driver (its towers' modules are imported
+            by the workers).
+        folder: where this job's shards go (``shard_folder``).
+    """
+
+    def __init__(self, ray: Any, run_dir: Path, options: RayOptions, model: Any, folder: Path) -> None:
+        self.ray, self.run_dir, self.options, self.folder = ray, run_dir, options, folder
+        self.backend = choose_backend(read_manifest(run_dir))
+        self.imports = plugin_modules(model) if self.backend == "torch" else ()
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        self.workers = int(options.workers or max(1, int(cpus) - 1))
+        # reading and writing tasks need a share of the CPUs too, or the pool starves them
+        self.actor_cpus = min(1.0, max(0.05, (cpus - 0.5) / self.workers))
+        self.ray.data.DataContext.get_current().enable_progress_bars = options.progress
+        log.info("encoding on Ray with %d %s workers (%.2f CPUs each); shards in %s",
+                 self.workers, self.backend, self.actor_cpus, folder)  # fmt: skip
+
+    def encode_images(self, dataset: Any, positions: np.ndarray, ids: np.ndarray) -> None:
+        """Encode the images of ``dataset``'s items ``positions`` into ``image/`` shards, under ``ids``."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if not len(positions):
+            return
+        table = dataset.table.select(np.asarray(positions).tolist()).with_format("arrow")[:]
+        lengths = pc.fill_null(pc.binary_length(table["image_bytes"]), 0)  # files: no bytes, or null
+        inline = np.asarray(pc.greater(lengths, 0).to_numpy(zero_copy_only=False), dtype=bool)
+        ids = np.asarray(ids, dtype=np.int64)
+        if inline.any():
+            images = table["image_bytes"].filter(pa.array(inline))
+            rows = pa.table({"id": pa.array(ids[inline]), "bytes": images})
+            self._run(self._from_arrow(rows), "image")
+        if not inline.all():
+            root = Path(dataset.info.image_root)
+            names = np.asarray(table["image_path"].to_pylist(), dtype=object)[~inline]
+            paths = [str((root / name).resolve()) for name in names]
+            self._run(self.read_files(paths), "image", dict(zip(paths, ids[~inline].tolist())))
+
+    def read_files(self, paths: list[str]) -> Any:
+        """A Ray dataset of ``{"bytes", "path"}`` rows of the image files ``paths``, read in blocks."""
+        blocks = math.ceil(len(paths) / _rows_per_block(len(paths), self.workers, self.options.batch_size))
+        return self.ray.data.read_binary_files(paths, include_paths=True, override_num_blocks=blocks,
+                                               num_cpus=0.25)  # fmt: skip
+
+    def encode_texts(self, ids: list[int] | np.ndarray, texts: list[str]) -> None:
+        """Encode ``texts`` into ``text/`` shards, under ``ids``."""
+        import pyarrow as pa
+
+        if len(texts):
+            self._run(self._from_arrow(pa.table({"id": pa.array(np.asarray(ids, np.int64)),
+                                                 "text": pa.array(texts, pa.string())})), "text")  # fmt: skip
+
+    def _from_arrow(self, table: Any) -> Any:
+        step = _rows_per_block(table.num_rows, self.workers, self.options.batch_size)
+        return self.ray.data.from_arrow([table.slice(s, step) for s in range(0, table.num_rows, step)])
+
+    def _run(self, ds: Any, modality: str, path_ids: dict[str, int] | None = None) -> None:
+        """``ds`` through the actor pool into Parquet shards under ``folder / modality``."""
+        kwargs = {"run_dir": str(self.run_dir), "backend": self.backend, "modality": modality,
+                  "imports": self.imports, "path_ids": path_ids}  # fmt: skip
+        encoded = ds.map_batches(
+            Encode, fn_constructor_kwargs=kwargs, batch_size=self.options.batch_size, batch_format="numpy",
+            compute=self.ray.data.ActorPoolStrategy(size=self.workers), num_cpus=self.actor_cpus,
+        )  # fmt: skip
+        try:
+            encoded.write_parquet(str(self.folder / modality), ray_remote_args={"num_cpus": 0.25})
+        except Exception as exc:  # Ray wraps the worker's error: its last line says what failed
+            why = _worker_error(exc)
+            raise RunError(f"encoding {modality}s on Ray failed, nothing was changed: {why}") from exc
+
+    def codes(self, modality: str, expected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The shards of ``modality``: ``(ids int64 [n] sorted, packed uint8 [n, bits / 8])``.
+
+        Raises:
+            RunError: the shards do not hold exactly the ids ``expected``.
+        """
+        ids, packed = read_shards(self.folder / modality)
+        order = np.argsort(ids, kind="stable")
+        ids, packed = ids[order], packed[order]
+        if not np.array_equal(ids, np.sort(np.asarray(expected, dtype=np.int64))):
+            raise RunError(f"the {modality} shards in {self.folder} hold {len(ids)} codes, not the "
+                           f"{len(expected)} of the job; nothing was changed")  # fmt: skip
+        return ids, packed
+
+
+def _worker_error(exc: BaseException) -> str:
+    """The worker's own error (``module.SomeError: message``) in the traceback text Ray's wrapper
+    carries; else the wrapper's first line."""
+    text = "\n".join(str(e) for e in (exc, exc.__cause__) if e is not None)
+    for line in text.splitlines():
+        found = _ERROR_LINE.match(line.strip())
+        if found and not found.group(1).startswith("ray."):
+            return f"{found.group(1).rsplit('.', 1)[-1]}: {found.group(2)}"
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+
+
+_ERROR_LINE = re.compile(r"^([\w.]*(?:Error|Exception)): (.+)$")
+
+
+def read_shards(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids int64 [n], packed uint8 [n, w])`` of every Parquet shard in ``folder`` (in file order)."""
+    import pyarrow.parquet as pq
+
+    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    if not files:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.uint8)
+    table = pq.read_table([str(f) for f in files], columns=["id", "code"])
+    codes = table["code"].combine_chunks()
+    width = codes.type.byte_width
+    data = np.frombuffer(codes.buffers()[1], dtype=np.uint8)
+    packed = data[codes.offset * width:(codes.offset + len(codes)) * width].reshape(len(codes), width)
+    return table["id"].to_numpy().astype(np.int64), packed
+
+
+def fill_index(index: BinaryIndex, ids: np.ndarray, packed: np.ndarray, chunk: int = 65536) -> BinaryIndex:
+    """Add codes to ``index`` in id order; an untrained IVF index first trains on a sample of them
+    (``IVF_SAMPLE_PER_LIST`` a list, its ``nlist`` following all the codes, not the sample)."""
+    if index.kind == "ivf" and not index.is_trained and len(ids):
+        index.params["nlist"] = int(index.params["nlist"] or default_nlist(len(ids)))
+        size = min(len(ids), IVF_SAMPLE_PER_LIST * index.params["nlist"])
+        sample = np.sort(np.random.default_rng(0).choice(len(ids), size=size, replace=False))
+        index.train(packed[sample])
+    for s in range(0, len(ids), chunk):
+        index.add(packed[s:s + chunk], ids[s:s + chunk])
+    return index
+
+
+def _check_captions(dataset: Any) -> None:
+    if dataset.info.bow_dim:
+        raise RunError(f"--ray encodes captions, and {dataset.name!r} holds bag-of-words vectors instead: "
+                       "index it without --ray")  # fmt: skip
+
+
+def add_on_ray(
+    run_dir: Path, options: RayOptions, model: Any, indexes: dict[str, BinaryIndex], dataset: Any,
+    positions: np.ndarray, item_ids: np.ndarray, units: list[dict[str, Any]],
+) -> None:  # fmt: skip
+    """``index --add --ray``: encode the images of ``dataset``'s items ``positions`` and the texts
+    ``units`` on Ray, and add their codes to ``indexes`` under ``item_ids`` and the units' text ids.
+
+    Raises:
+        RunError: the encoding failed (the message says why); the run is unchanged.
+    """
+    _check_captions(dataset)
+    text_ids = np.array([u["text_id"] for u in units], dtype=np.int64)
+    with ray_session(options.address) as ray, shard_folder(run_dir, options.shards) as folder:
+        job = RayJob(ray, run_dir, options, model, folder)
+        job.encode_images(dataset, positions, item_ids)
+        job.encode_texts(text_ids, [u["caption"] for u in units])
+        fill_index(indexes["image"], *job.codes("image", item_ids))
+        fill_index(indexes["text"], *job.codes("text", text_ids))
+
+
+def index_on_ray(
+    run_dir: Path, options: RayOptions, kind: str, params: dict[str, Any], model: Any, dataset: Any,
+    database: np.ndarray, units: list[dict[str, Any]], added: Any,
+) -> tuple[BinaryIndex, BinaryIndex]:  # fmt: skip
+    """``index --ray``: the run's image and text indexes of kind ``kind``, encoded on Ray.
+
+    Args:
+        database: positions of the dataset's served items (their ids).
+        units: text entries (``text_units``); added: the run's added items (``stored_additions``),
+            encoded from their stored images and captions under the ids they have.
+
+    Raises:
+        RunError: the encoding failed (the message says why).
+    """
+    from crossmodal.jobs.index import stored_images
+
+    _check_captions(dataset)
+    texts = [*units, *added.texts]
+    item_ids = np.concatenate([database, [it["item_id"] for it in added.items]]).astype(np.int64)
+    text_ids = np.array([t["text_id"] for t in texts], dtype=np.int64)
+    with ray_session(options.address) as ray, shard_folder(run_dir, options.shards) as folder:
+        job = RayJob(ray, run_dir, options, model, folder)
+        job.encode_images(dataset, database, database)
+        if added.items:
+            job.encode_images(stored_images(run_dir, added.items), np.arange(len(added.items)),
+                              item_ids[len(database):])  # fmt: skip
+        job.encode_texts(text_ids, [t["caption"] for t in texts])
+        image_index = fill_index(create_index(kind, model.bits, **params), *job.codes("image", item_ids))
+        text_index = fill_index(create_index(kind, model.bits, **params), *job.codes("text", text_ids))
+    return image_index, text_index
