@@ -25,7 +25,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from crossmodal import distributed
 from crossmodal.codes import sign
+from crossmodal.distributed import Dist
 from crossmodal.evaluate import evaluate_directions, relevance_args
 from crossmodal.features import duration
 from crossmodal.losses import HashLoss, LossBatch, Similarity, pairwise_nll
@@ -211,6 +213,7 @@ def fit(
     frozen: dict[str, bool] | None = None,
     progress: bool = False,
     reseed: bool = True,
+    dist: Dist | None = None,
 ) -> TrainState:
     """Train ``model`` with ``loss`` on ``data``; return the state (history, best epoch and score).
 
@@ -220,15 +223,22 @@ def fit(
             it does not fit.
         on_epoch: called after every epoch (``last`` set on the final one), e.g. to checkpoint.
         frozen: towers whose weights ``trainable_state`` leaves out (frozen pretrained towers).
-        progress: show a progress bar over epochs.
+        progress: show a progress bar over epochs (rank 0 only).
         reseed: seed torch's generator with ``options.seed`` first; a caller that seeded it
             itself before building what ``data`` needs (a vocabulary, a new layer) passes False.
+        dist: the ``torchrun`` process group (default: the current one, if any). Each rank
+            trains on its share of every global batch of ``options.batch_size`` items in
+            DistributedDataParallel; the F and G rows each step writes are shared with every
+            rank, so all hold the whole buffers at each phase switch and at the B step;
+            validation runs on rank 0 and its result is broadcast. ``on_epoch`` is called on
+            every rank (the caller writes on rank 0 only).
 
     Returns:
         The final ``TrainState``; the model holds the best validated weights (the last
         epoch's without validation items) and the loss's activation and bit weights.
     """
     opts = options or FitOptions()
+    dist = dist or distributed.current()
     device = torch.device(opts.device)
     frozen = frozen or {m: False for m in MODALITIES}
     if reseed:
@@ -243,97 +253,206 @@ def fit(
     opt = make_optimizer(model, loss, opts)
     feats = {m: None if src.item_features is None else src.item_features[torch.as_tensor(train)]
              for m, src in data.inputs.items()}  # fmt: skip
-    state = TrainState()
     if loss.init_heads(model, feats):  # training-free: the heads are final; validated once
-        model.set_bit_weights(loss.bit_weights())
-        record = {"epoch": 0, **validate(model, loss, data, device)}
-        state.history.append(record)
-        state.best_score, state.best_epoch = record.get("val_map", -1.0), 0
-        state.best_state = trainable_state(model, loss, frozen)
-        return state
-    buffers = {m: encode_all(model, data.inputs[m], train, m, device) for m in MODALITIES}
+        return _training_free(model, loss, data, device, frozen, dist)
+    names = _NamePairs(data, sim, opts.label_names) if opts.label_names and data.names is not None else None
+    step = _Step(model, loss, data.inputs, train, sim, opts, device, dist, names)
+    net = distributed.wrap(step, dist)  # the same module without a process group
+    if dist.enabled:
+        _draw_per_rank(loss, dist)
+    buffers = _initial_buffers(model, data, train, device, dist)
     B = loss.update_codes(buffers["image"], buffers["text"])
+    state = TrainState()
     if resume is not None:
         state, buffers, B = _restore(model, loss, opt, resume, device)
         log.info("resumed from epoch %d", state.epoch)
-    first = state.epoch  # an estimate of the time left is printed after it
-    bar = tqdm(range(state.epoch, opts.epochs), desc="train", unit="epoch", disable=not progress)
-    names = _NamePairs(data, sim, opts.label_names) if opts.label_names and data.names is not None else None
-    for epoch in bar:
-        started = time.perf_counter()
-        terms: dict[str, float] = {}
-        for m in MODALITIES:
-            other = "text" if m == "image" else "image"
-            step = _Step(model, loss, data.inputs[m], train, sim, opt, opts, device, names)
-            for name, value in step.run(m, epoch, buffers, buffers[other], B).items():
-                terms[f"{m}/{name}"] = value
-        B = loss.update_codes(buffers["image"], buffers["text"])
-        record = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - started, 3), **terms}
-        if (epoch + 1) % opts.eval_every == 0 or epoch + 1 == opts.epochs:
-            record.update(validate(model, loss, data, device))
-            if record.get("val_map", -1.0) > state.best_score:
-                state.best_score, state.best_epoch = record["val_map"], epoch  # 0-based
-                state.best_state = trainable_state(model, loss, frozen)
-        state.history.append(record)
-        state.epoch = epoch + 1
-        val = record.get("val_map", float("nan"))
-        bar.set_postfix(loss=f"{sum(terms.values()):.4f}", val_map=f"{val:.3f}")
-        log.info("epoch %s", json.dumps(record))
-        if progress and epoch == first and epoch + 1 < opts.epochs:
-            took = time.perf_counter() - started  # validation included
-            left = took * (opts.epochs - epoch - 1)
-            bar.write(f"train: {took:.1f} s an epoch; about {duration(left)} left for "
-                      f"{opts.epochs - epoch - 1} more (early stopping may end sooner)")  # fmt: skip
-        stop = epoch - state.best_epoch >= opts.patience and state.best_epoch >= 0
-        if on_epoch is not None:
-            on_epoch(Progress(state, opt, buffers, B, last=stop or epoch + 1 == opts.epochs))
-        if stop:
-            log.info("early stop at epoch %d (best %d)", epoch + 1, state.best_epoch + 1)
-            break
+    _Loop(model, loss, data, opts, device, frozen, dist, progress).run(net, opt, state, buffers, B, on_epoch)
     if state.best_state is not None:
         load_trainable_state(model, loss, state.best_state)
     model.set_bit_weights(None if loss.bit_weights() is None else loss.bit_weights().detach().cpu())
     return state
 
 
-class _Step:
-    """One pass of steps on one tower, with the other modality's codes and B fixed."""
+class _Loop:
+    """The epochs: both towers' phases, the B step, validation and early stopping."""
 
-    def __init__(self, model, loss, inputs, train, sim, opt, opts, device, names=None) -> None:  # noqa: ANN001
-        self.model, self.loss, self.inputs, self.train, self.sim = model, loss, inputs, train, sim
-        self.opt, self.opts, self.device, self.names = opt, opts, device, names
+    def __init__(self, model, loss, data, opts, device, frozen, dist, progress) -> None:  # noqa: ANN001
+        self.model, self.loss, self.data, self.opts, self.device = model, loss, data, opts, device
+        self.frozen, self.dist, self.progress = frozen, dist, progress and dist.is_main
 
-    def run(self, m: str, epoch: int, buffers: dict[str, torch.Tensor], other: torch.Tensor,
-            B: torch.Tensor) -> dict[str, float]:  # fmt: skip
-        self.model.train()
-        rng = np.random.default_rng([self.opts.seed, epoch, MODALITIES.index(m)])
-        order = rng.permutation(len(self.train))
-        sums: dict[str, float] = {}
-        bs = self.opts.batch_size
-        for s in range(0, len(order), bs):
-            pos = torch.as_tensor(order[s : s + bs], device=self.device)
-            items = self.train[pos.cpu().numpy()]
-            variant_rng = rng if self.opts.text_variants or m == "image" else None  # a text or image view
-            codes = encode(self.model, self.inputs, items, m, self.device, variant_rng)
-            terms = self.loss(LossBatch(m, codes, pos, buffers[m], other, B, self.sim))
-            if self.opts.contrastive:  # this tower's codes against the other side of the same items
-                nce = info_nce(codes, other[pos], self.opts.temperature)
-                terms["contrastive"] = self.opts.contrastive * nce
-            if self.names is not None:
-                pairs = self.names.term(self.model, m, codes, buffers, pos)
-                terms["label_names"] = self.opts.label_names * pairs
-            if self.opts.spread:
-                terms["spread"] = self.opts.spread * spread(codes, buffers[m], pos, self.opts.spread_bits)
-            if self.opts.decorrelation:
-                terms["decorrelation"] = self.opts.decorrelation * decorrelation(buffers[m], codes, pos)
-            total = sum(terms.values())
-            self.opt.zero_grad(set_to_none=True)
-            total.backward()
-            self.opt.step()
-            buffers[m][pos] = codes.detach()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(pos) / len(order)
-        return sums
+    def run(self, net: torch.nn.Module, opt: torch.optim.Optimizer, state: TrainState,
+            buffers: dict[str, torch.Tensor], B: torch.Tensor,
+            on_epoch: Callable[[Progress], None] | None) -> None:  # fmt: skip
+        """Train from ``state.epoch`` to ``opts.epochs`` (or an early stop), updating ``state``."""
+        opts, n = self.opts, len(self.data.train)
+        first = state.epoch  # an estimate of the time left is printed after it
+        bar = tqdm(range(state.epoch, opts.epochs), desc="train", unit="epoch", disable=not self.progress)
+        for epoch in bar:
+            started = time.perf_counter()
+            terms: dict[str, float] = {}
+            for m in MODALITIES:
+                phase = _phase(net, opt, m, epoch, buffers, B, opts, self.dist, n)
+                terms.update({f"{m}/{name}": value for name, value in phase.items()})
+            B = self.loss.update_codes(buffers["image"], buffers["text"])
+            record = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - started, 3), **terms}
+            if (epoch + 1) % opts.eval_every == 0 or epoch + 1 == opts.epochs:
+                record.update(_validate_once(self.model, self.loss, self.data, self.device, self.dist))
+                if record.get("val_map", -1.0) > state.best_score:
+                    state.best_score, state.best_epoch = record["val_map"], epoch  # 0-based
+                    state.best_state = trainable_state(self.model, self.loss, self.frozen)
+            state.history.append(record)
+            state.epoch = epoch + 1
+            val = record.get("val_map", float("nan"))
+            bar.set_postfix(loss=f"{sum(terms.values()):.4f}", val_map=f"{val:.3f}")
+            log.info("epoch %s", json.dumps(record))
+            if self.progress and epoch == first and epoch + 1 < opts.epochs:
+                self._estimate(bar, time.perf_counter() - started, opts.epochs - epoch - 1)
+            stop = epoch - state.best_epoch >= opts.patience and state.best_epoch >= 0
+            if on_epoch is not None:
+                on_epoch(Progress(state, opt, buffers, B, last=stop or epoch + 1 == opts.epochs))
+            if stop:
+                log.info("early stop at epoch %d (best %d)", epoch + 1, state.best_epoch + 1)
+                break
+
+    @staticmethod
+    def _estimate(bar: Any, took: float, left: int) -> None:
+        """Print the first epoch's time (validation included) and an estimate of the rest."""
+        bar.write(f"train: {took:.1f} s an epoch; about {duration(took * left)} left for "
+                  f"{left} more (early stopping may end sooner)")  # fmt: skip
+
+
+def _training_free(model: TwoTowerHasher, loss: HashLoss, data: TrainData, device: torch.device,
+                   frozen: dict[str, bool], dist: Dist) -> TrainState:  # fmt: skip
+    """The state of a method whose ``init_heads`` set final heads: validated once, no epochs."""
+    model.set_bit_weights(loss.bit_weights())
+    state = TrainState()
+    record = {"epoch": 0, **_validate_once(model, loss, data, device, dist)}
+    state.history.append(record)
+    state.best_score, state.best_epoch = record.get("val_map", -1.0), 0
+    state.best_state = trainable_state(model, loss, frozen)
+    return state
+
+
+def _validate_once(model: TwoTowerHasher, loss: HashLoss, data: TrainData, device: torch.device,
+                   dist: Dist) -> dict[str, float]:  # fmt: skip
+    """``validate`` on rank 0, its result on every rank (so that all select and stop alike)."""
+    return dist.broadcast(validate(model, loss, data, device) if dist.is_main else None)
+
+
+def _initial_buffers(model: TwoTowerHasher, data: TrainData, train: np.ndarray, device: torch.device,
+                     dist: Dist) -> dict[str, torch.Tensor]:  # fmt: skip
+    """F and G of every training item, ``[n, bits]`` each; under ``torchrun`` each rank encodes
+    a share and the rows are shared."""
+    if not dist.enabled:
+        return {m: encode_all(model, data.inputs[m], train, m, device) for m in MODALITIES}
+    parts = dist.split(np.arange(len(train)))
+    out = {}
+    for m in MODALITIES:
+        mine = encode_all(model, data.inputs[m], train[parts[dist.rank]], m, device)
+        out[m] = mine.new_zeros(len(train), mine.shape[1])
+        distributed.share_rows(out[m], parts, mine, dist)
+    return out
+
+
+def _draw_per_rank(loss: HashLoss, dist: Dist) -> None:
+    """Offset the seeded generators of sampling losses (triplets, ranked pairs) by the rank, so
+    that the ranks draw independently; rank 0 draws as a single process would."""
+    for module in loss.modules():
+        g = getattr(module, "generator", None)
+        if isinstance(g, torch.Generator):
+            g.manual_seed(g.initial_seed() + dist.rank)
+
+
+# Terms that are not a mean over the batch's items (their gradient per item does not shrink
+# with the batch): under DistributedDataParallel each rank's is weighted by the number of
+# processes, since DDP averages the ranks' gradients.
+SUM_TERMS = ("decorrelation",)
+
+
+def _phase(net: torch.nn.Module, opt: torch.optim.Optimizer, m: str, epoch: int,
+           buffers: dict[str, torch.Tensor], B: torch.Tensor, opts: FitOptions, dist: Dist,
+           n: int) -> dict[str, float]:  # fmt: skip
+    """One pass of steps on tower ``m``, with the other modality's codes and B fixed.
+
+    The epoch's item order is drawn alike on every rank; each global batch of
+    ``opts.batch_size`` is split among the ranks. Returns the mean loss terms (over all ranks).
+    """
+    step = net.module if dist.enabled else net
+    step.model.train()
+    rng = np.random.default_rng([opts.seed, epoch, MODALITIES.index(m)])
+    order = rng.permutation(n)
+    draws = rng if not dist.enabled else np.random.default_rng([opts.seed, epoch, MODALITIES.index(m),
+                                                                1 + dist.rank])  # fmt: skip
+    variant_rng = draws if opts.text_variants or m == "image" else None  # a text or image view
+    sums: dict[str, float] = {}
+    for s in range(0, n, opts.batch_size):
+        parts = dist.split(order[s : s + opts.batch_size])
+        if min(len(p) for p in parts) == 0:  # a last batch with fewer items than processes
+            continue
+        terms, fresh = net(m, parts, dist.rank, buffers, B, variant_rng)
+        b = len(parts[dist.rank])
+        total = _objective(terms, b / len(fresh), dist)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        buffers[m][torch.as_tensor(np.concatenate(parts), device=fresh.device)] = fresh
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach()) * b / n
+    return dist.sum_terms(sums)
+
+
+def _objective(terms: dict[str, torch.Tensor], share: float, dist: Dist) -> torch.Tensor:
+    """What one rank back-propagates: the sum of the terms; under DDP, the batch-mean terms
+    weighted by this rank's ``share`` of the global batch and the others (``SUM_TERMS``) whole,
+    times the number of processes, so that DDP's average of the ranks' gradients is the
+    gradient of the global batch."""
+    if not dist.enabled:
+        return sum(terms.values())
+    means = sum(v for k, v in terms.items() if k not in SUM_TERMS)
+    whole = sum(v for k, v in terms.items() if k in SUM_TERMS)
+    return dist.world_size * (share * means + whole)
+
+
+class _Step(torch.nn.Module):
+    """The loss terms of one step on one tower (the forward that DistributedDataParallel wraps).
+
+    ``forward(m, parts, rank, buffers, B, rng)``: ``parts`` the training positions of the global
+    batch, one array per rank (one without a process group), of which ``parts[rank]`` are this
+    rank's ``b`` items. Returns the named terms and the global batch's new codes ``[sum of
+    len(parts), bits]`` (no gradient), for the buffer of modality ``m``. Under ``torchrun`` the
+    loss sees the other ranks' rows of this batch at their new values (not differentiated
+    through), as a single process would (their own terms move those rows).
+    """
+
+    def __init__(self, model, loss, inputs, train, sim, opts, device, dist, names=None) -> None:  # noqa: ANN001
+        super().__init__()
+        self.model, self.loss = model, loss
+        self.inputs, self.train, self.sim, self.opts, self.device, self.dist, self.names = (
+            inputs, train, sim, opts, device, dist, names)  # fmt: skip
+
+    def forward(self, m: str, parts: list[np.ndarray], rank: int, buffers: dict[str, torch.Tensor],
+                B: torch.Tensor, rng: np.random.Generator | None,
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
+        opts = self.opts
+        other = buffers["text" if m == "image" else "image"]
+        pos = torch.as_tensor(parts[rank], device=self.device)
+        items = self.train[pos.cpu().numpy()]
+        codes = encode(self.model, self.inputs[m], items, m, self.device, rng)
+        fresh = distributed.gather_rows(parts, codes.detach(), self.dist)  # [B, bits]
+        batch = torch.as_tensor(np.concatenate(parts), device=pos.device)
+        same = buffers[m].index_copy(0, batch, fresh) if self.dist.enabled else buffers[m]
+        terms = self.loss(LossBatch(m, codes, pos, same, other, B, self.sim))
+        if opts.contrastive:  # this tower's codes against the other side of the global batch's items
+            nce = info_nce(codes, other[batch], opts.temperature, first=sum(len(p) for p in parts[:rank]))
+            terms["contrastive"] = opts.contrastive * nce
+        if self.names is not None:
+            pairs = self.names.term(self.model, m, codes, buffers, pos)
+            terms["label_names"] = opts.label_names * pairs
+        if opts.spread:
+            terms["spread"] = opts.spread * spread(codes, buffers[m], pos, opts.spread_bits)
+        if opts.decorrelation:
+            terms["decorrelation"] = opts.decorrelation * decorrelation(same, codes, pos)
+        return terms, fresh
 
 
 @torch.no_grad()
@@ -434,14 +553,16 @@ def decorrelation(buffer: torch.Tensor, codes: torch.Tensor, pos: torch.Tensor) 
     return (corr.pow(2).sum() - corr.diagonal().pow(2).sum()) / (c * (c - 1))
 
 
-def info_nce(anchors: torch.Tensor, partners: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean InfoNCE of ``anchors [b, c]`` against their own ``partners [b, c]``, the other rows
-    of the batch being negatives, on cosine similarity / ``temperature`` (van den Oord et al.,
-    2018; the image-text form of CLIP, Radford et al., 2021, one direction)."""
+def info_nce(anchors: torch.Tensor, partners: torch.Tensor, temperature: float,
+             first: int = 0) -> torch.Tensor:  # fmt: skip
+    """Mean InfoNCE of ``anchors [b, c]`` against their own partners, rows ``first .. first + b``
+    of ``partners [p, c]`` (p >= b), the other rows being negatives, on cosine similarity /
+    ``temperature`` (van den Oord et al., 2018; the image-text form of CLIP, Radford et al.,
+    2021, one direction). Under ``torchrun`` the partners are the whole global batch's."""
     a = torch.nn.functional.normalize(anchors, dim=1)
     p = torch.nn.functional.normalize(partners, dim=1)
-    logits = a @ p.T / temperature  # [b, b]
-    return torch.nn.functional.cross_entropy(logits, torch.arange(len(a), device=a.device))
+    logits = a @ p.T / temperature  # [b, p]
+    return torch.nn.functional.cross_entropy(logits, torch.arange(len(a), device=a.device) + first)
 
 
 def _dtype(model: TwoTowerHasher) -> torch.dtype:

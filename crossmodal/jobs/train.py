@@ -6,6 +6,12 @@ tower has one, extracts (or reuses) the cached features of frozen towers, calls
 ``--resume`` can continue, and finally writes the model and the manifest in one
 ``RunUpdate``.
 
+Under ``torchrun`` (``torchrun --nproc_per_node=N -m crossmodal train ...``) every process
+runs this job in one process group (``crossmodal.distributed``): rank 0 builds the dataset
+and the feature cache first and the others then read them, all train together
+(``train.batch_size`` is the global batch), and only rank 0 holds the run's lock and writes
+the run folder, the checkpoints and the logs.
+
 ``train.mode: zeroshot`` trains nothing: the two frozen towers of one dual encoder (``clip:``)
 already share an embedding space, and the linear heads are set to ITQ on the database
 items' image embeddings (``baselines.shared_itq``), text inputs centred by the text mean.
@@ -27,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from crossmodal import distributed
 from crossmodal.baselines import Baseline, shared_itq
 from crossmodal.config import Config, settings_differences, training_settings
 from crossmodal.data import DATASETS, CrossModalDataset, open_dataset
@@ -83,30 +90,36 @@ def train_run(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
         UnknownNameError: the recipe names an unknown dataset, tower or loss (before any work).
         RunError: ``resume`` with a checkpoint that is torn or from another recipe.
         RunBusyError: another process is writing the run.
+        ValueError: ``train.mode: zeroshot`` under ``torchrun`` (it trains nothing).
     """
     check_names(cfg)
     run = cfg.run_dir
     command = (f"crossmodal train --config {run / 'config.yaml'} --set runs_dir={run.parent} "
                f"--set name={run.name}{' --resume' if resume else ''}")
-    with lock_run(run, command, create=True):
-        return _train_run(cfg, resume, progress)
+    with distributed.session(resolve_device(cfg.train.device)) as dist:
+        if dist.enabled and cfg.train.mode == "zeroshot":
+            raise ValueError("train.mode zeroshot trains nothing: run it without torchrun")
+        if not dist.is_main:  # rank 0 holds the lock and writes; the others train alongside
+            return _train_run(cfg, resume, False, dist)
+        with lock_run(run, command, create=True):
+            return _train_run(cfg, resume, progress, dist)
 
 
-def _train_run(cfg: Config, resume: bool, progress: bool) -> Path:
+def _train_run(cfg: Config, resume: bool, progress: bool, dist: distributed.Dist) -> Path:
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    invalidate_products(run_dir, model=True)
-    if not resume and (run_dir / CHECKPOINT).is_dir():  # another training's: never resumed by mistake
-        shutil.rmtree(run_dir / CHECKPOINT)
+    if dist.is_main:
+        _start_folder(run_dir, resume)
     torch.manual_seed(cfg.train.seed)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     started = time.perf_counter()
-    dataset = open_dataset(cfg.data.name, cfg.data.options)
+    with distributed.main_first(dist):  # a dataset built on first use is built once
+        dataset = open_dataset(cfg.data.name, cfg.data.options)
     d = cfg.data
     splits = make_splits(dataset, n_query=d.n_query, n_train=d.n_train, seed=d.seed, n_val=d.n_val)
-    splits.save(run_dir / "splits.json")
-    cfg.dump(run_dir / "config.yaml")
+    if dist.is_main:
+        splits.save(run_dir / "splits.json")
+        cfg.dump(run_dir / "config.yaml")
     model = build_model(cfg, dataset.info)
     if cfg.train.mode == "zeroshot":
         return _zeroshot_run(cfg, model, dataset, splits, started, progress)
@@ -117,36 +130,58 @@ def _train_run(cfg: Config, resume: bool, progress: bool) -> Path:
     options = FitOptions.from_config(cfg.train, cfg.loss)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    # one seeded stream from here: a vocabulary tower creates its first layer when it is fitted
-    torch.manual_seed(cfg.train.seed)
-    inputs = prepare_inputs(cfg, model, dataset, splits.train, frozen, options.device, progress)
-    data = TrainData(inputs, splits.train, dataset.labels_matrix(), splits.val)
-    if cfg.loss.label_names:
-        names = label_name_inputs(dataset, model.text_tower, frozen["text"], torch.device(options.device))
-        if names is None:
-            log.warning("loss.label_names is set but %s has no named labels a text tower can read; "
-                        "the term is off", dataset.name)  # fmt: skip
-        else:
-            data.names, data.name_columns = names
+    data = _train_data(cfg, model, dataset, splits, frozen, options.device, progress, dist)
     timings["features"] = round(time.perf_counter() - t0, 3)
     checkpoints = Checkpoints(run_dir, cfg, model, loss, frozen)
     t0 = time.perf_counter()
     try:
         state = fit(model, loss, data, options, resume=checkpoints.load(options.device) if resume else None,
-                    on_epoch=checkpoints.on_epoch, frozen=frozen, progress=progress,
-                    reseed=False)  # fmt: skip
+                    on_epoch=checkpoints.on_epoch if dist.is_main else None, frozen=frozen,
+                    progress=progress, reseed=False, dist=dist)  # fmt: skip
     except ResumeError as exc:
         hint = "remove that folder to train from scratch"
         raise RunError(f"cannot resume from {checkpoints.dir}: {exc}; {hint}") from None
     timings["epochs"] = round(time.perf_counter() - t0, 3)
     seconds = time.perf_counter() - started
+    if not dist.is_main:
+        return run_dir
     train_log = {"history": state.history, "best_epoch": state.best_epoch + 1,
                  "best_val_map": state.best_score, "seconds": seconds, "timings": timings}  # fmt: skip
+    if dist.enabled:
+        train_log["processes"] = dist.world_size
     save_run(cfg, model, dataset, frozen, train_log, cfg.loss.name)
     if not cfg.train.keep_checkpoint:  # the run is whole without it (a third of a run's size)
         shutil.rmtree(checkpoints.dir, ignore_errors=True)
     log.info("trained %s in %.1f s; best validation mAP %.4f", run_dir, seconds, state.best_score)
     return run_dir
+
+
+def _start_folder(run_dir: Path, resume: bool) -> None:
+    """Create the run folder, or drop what a new model makes stale (its indexes, evaluation)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    invalidate_products(run_dir, model=True)
+    if not resume and (run_dir / CHECKPOINT).is_dir():  # another training's: never resumed by mistake
+        shutil.rmtree(run_dir / CHECKPOINT)
+
+
+def _train_data(cfg: Config, model: TwoTowerHasher, dataset: CrossModalDataset, splits: Any,
+                frozen: dict[str, bool], device: str, progress: bool,
+                dist: distributed.Dist) -> TrainData:  # fmt: skip
+    """What ``fit`` trains on: the towers' inputs (frozen ones' features cached, by rank 0
+    first under ``torchrun``), labels, validation items and the label names' texts."""
+    # one seeded stream from here: a vocabulary tower creates its first layer when it is fitted
+    torch.manual_seed(cfg.train.seed)
+    with distributed.main_first(dist):  # frozen towers' features: extracted and cached once
+        inputs = prepare_inputs(cfg, model, dataset, splits.train, frozen, device, progress)
+    data = TrainData(inputs, splits.train, dataset.labels_matrix(), splits.val)
+    if cfg.loss.label_names:
+        names = label_name_inputs(dataset, model.text_tower, frozen["text"], torch.device(device))
+        if names is None:
+            log.warning("loss.label_names is set but %s has no named labels a text tower can read; "
+                        "the term is off", dataset.name)  # fmt: skip
+        else:
+            data.names, data.name_columns = names
+    return data
 
 
 def save_run(cfg: Config, model: TwoTowerHasher, dataset: CrossModalDataset, frozen: dict[str, bool],
