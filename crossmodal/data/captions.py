@@ -250,7 +250,9 @@ def build_path_dataset(entries: dict[str, Entry], build: PathBuild, problems: Pr
     names = build.label_names
     index = {lab: k for k, lab in enumerate(names or [])}
     rows: list[tuple[str, str, list[str], list[int]]] = []
-    for rel, entry in tqdm(entries.items(), desc=f"checking {build.name} images", unit="image"):
+    # disable=None: a bar on a terminal only, so scripts and logs get no carriage-return lines
+    bar = tqdm(entries.items(), desc=f"checking {build.name} images", unit="image", disable=None)
+    for rel, entry in bar:
         if build.limit is not None and len(rows) >= build.limit:
             break
         path = build.image_root / rel
