@@ -21,7 +21,6 @@ import argparse
 import html
 import logging
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -47,8 +46,6 @@ QUERY_LINES = 3  # the keyword box grows to this many lines, then scrolls
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # no web fonts: the app must work offline
 PROG = "crossmodal serve"  # how error messages name the command
 TRAIN_HINT = "Build a run first: crossmodal prepare --config configs/openmoji.yaml (or simply: make demo)."
-# FAISS' C++ assertion text ("Error in void faiss::... at index_read.cpp:3322: Error: '...' failed: ...")
-FAISS_ASSERT = re.compile(r"Error in [^;]*? at \S+: Error: '.*?' failed(?:: ([^;]*))?")
 CSS = """
 .cm-grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(132px, 1fr)); gap: 10px; }
 .cm-card { margin: 0; display: flex; flex-direction: column; min-width: 0;
@@ -510,13 +507,7 @@ def open_error(run: str, message: str) -> str:
         return f"there is no run folder there. {TRAIN_HINT}"
     if not (folder / "manifest.json").exists():
         return f"the folder is not a trained run (it has no manifest.json). {TRAIN_HINT}"
-    return FAISS_ASSERT.sub(faiss_words, message)
-
-
-def faiss_words(match: re.Match[str]) -> str:
-    """FAISS' C++ assertion, in words (the assertion's own explanation kept in brackets)."""
-    why = (match.group(1) or "").strip()
-    return "the file is damaged (its contents do not parse as a FAISS index" + (f": {why})" if why else ")")
+    return message  # the loaders' messages are in words already (FAISS' own: crossmodal.index)
 
 
 def prepare(config: str, overrides: list[str]) -> Path:

@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,24 @@ PAD_DISTANCE = np.iinfo(np.int32).max  # distance reported for padded (-1) resul
 
 # Four-byte headers FAISS writes first in a binary index file.
 _BINARY_FOURCCS = {b"IBxF", b"IBwF", b"IBHf", b"IBMp", b"IBM2", b"IBHh", b"IBHm", b"IBFf"}
+
+
+# FAISS' C++ assertion text: "Error in void faiss::... at index_read.cpp:3322: Error: '...' failed: why"
+_FAISS_ASSERT = re.compile(r"Error in .*? at \S+: Error: '.*?' failed(?:: (.*))?", re.DOTALL)
+
+
+def faiss_error_in_words(exc: BaseException) -> str:
+    """What a FAISS read error means, for a user: its C++ assertion text (function signature,
+    source line, failed expression) becomes "the file is damaged ...", keeping the assertion's
+    own explanation when it gives one; other errors keep their first line."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    match = _FAISS_ASSERT.search(text)
+    if match is None:
+        return text.splitlines()[0]
+    why = (match.group(1) or "").strip().splitlines()[0] if match.group(1) else ""
+    return "the file is damaged (its contents do not parse as a FAISS index" + (f": {why})" if why else ")")
 
 
 class IndexFileError(RuntimeError):
@@ -620,8 +639,8 @@ class BinaryIndex:
         try:
             raw = faiss.read_index_binary(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
         except (RuntimeError, MemoryError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise IndexFileError(f"cannot read FAISS binary index {path}: {first}") from None
+            why = faiss_error_in_words(exc)
+            raise IndexFileError(f"cannot read FAISS binary index {path}: {why}") from None
         # read_index_binary already returns the concrete subclass; downcasting again would hand
         # back a non-owning wrapper and let the object be freed.
         if expected_bits is not None and raw.d != expected_bits:

@@ -348,7 +348,8 @@ def test_bad_k_is_refused_by_the_engine(k, engine):
 
 @pytest.mark.parametrize(
     ("k", "message"),
-    [(0, "k must be a positive integer, got 0"), ("many", "invalid literal for int()"), (None, "int()")],
+    [(0, "k must be a positive integer, got 0"), ("many", "k must be a positive integer, got 'many'"),
+     (None, "k must be a positive integer, got None")],
 )
 def test_bad_k_in_the_app_gives_a_message(k, message, engine, app_module):
     answer = app_module.run_search(engine, app_module.TABS[0], "red", k)
@@ -377,6 +378,12 @@ def _edit_json(path: Path, **changes) -> None:
 
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garble_header(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[4:24] = b"\xff" * 20  # after the magic bytes: same size, nothing parses
+    path.write_bytes(bytes(data))
 
 
 def _other_code_length_index(run: Path) -> None:
@@ -428,6 +435,10 @@ RUN_CASES = {
         lambda r: (_truncate(r / "image.index"), (r / "image.index.json").unlink()),
         "cannot read FAISS binary index",
     ),
+    "garbled_index_header": (
+        lambda r: _garble_header(r / "image.index"),
+        "image.index: the file is damaged (its contents do not parse as a FAISS index",
+    ),
     "store_missing_ids": (_drop_store_rows, "store.sqlite holds 91 items but image.index 96"),
     "store_edited": (_edit_store_caption, "store.sqlite differs from the checksum in manifest.json"),
     "store_zero_bytes": (lambda r: (r / "store.sqlite").write_bytes(b""), "not a crossmodal metadata store"),
@@ -453,6 +464,7 @@ def test_damaged_or_foreign_run_is_refused(case, tiny_run, tmp_path):
         RetrievalEngine.load(run)
     assert message in str(err.value), str(err.value)
     assert str(run) in str(err.value)
+    assert "faiss::" not in str(err.value) and ".cpp" not in str(err.value)  # no C++ assertion text
 
 
 # -- dataset files ---------------------------------------------------------------------------------
