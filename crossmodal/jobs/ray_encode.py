@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from crossmodal.codes import pack_codes
-from crossmodal.images import open_image
+from crossmodal.images import ImageDecodeError, open_image
 from crossmodal.index import BinaryIndex, create_index, default_nlist
 from crossmodal.runs.folder import STAGING_PREFIX, RunError, read_manifest
 from crossmodal.serving.encoders import choose_backend, load_encoders
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 SHARD_PREFIX = f"{STAGING_PREFIX}ray-"  # inside a run: cleaned by recover_run after a kill
 MAX_BLOCK_ROWS = 1024  # rows of a Ray block: about 50 MB of typical images
-IVF_SAMPLE_PER_LIST = 256  # training codes per IVF list (FAISS wants 39 to 256)
+IVF_SAMPLE_PER_LIST = 64  # training codes per IVF list (FAISS wants 39 to 256; docs/scaling.md)
 
 
 @dataclass
@@ -107,8 +107,11 @@ class Encode:
 
     @staticmethod
     def decode(data: bytes, name: Any) -> Any:
-        from crossmodal.images import ImageDecodeError
+        """The decoded image (``open_image``, as without Ray).
 
+        Raises:
+            ImageDecodeError: naming the file or id.
+        """
         try:
             return open_image(bytes(data))
         except ImageDecodeError as exc:
@@ -177,8 +180,9 @@ class RayJob:
         self.imports = plugin_modules(model) if self.backend == "torch" else ()
         cpus = float(ray.cluster_resources().get("CPU", 1))
         self.workers = int(options.workers or max(1, int(cpus) - 1))
-        # reading and writing tasks need a share of the CPUs too, or the pool starves them
-        self.actor_cpus = min(1.0, max(0.05, (cpus - 0.5) / self.workers))
+        # one CPU is left to the reading and writing tasks, or the pool starves them (Ray counts
+        # CPUs, it does not bind them: each actor still runs as fast as its core lets it)
+        self.actor_cpus = min(1.0, max(0.1, (cpus - 1) / self.workers))
         self.ray.data.DataContext.get_current().enable_progress_bars = options.progress
         log.info("encoding on Ray with %d %s workers (%.2f CPUs each); shards in %s",
                  self.workers, self.backend, self.actor_cpus, folder)  # fmt: skip
