@@ -186,3 +186,18 @@ def test_ray_without_the_distributed_extra_says_so_in_one_line(monkeypatch, caps
     assert capsys.readouterr().err == RAY_HINT + "\n"
     assert main(["index", "--run", "runs/none", "--shards", "x"]) == 2
     assert "--shards and --ray-workers go with --ray" in capsys.readouterr().err
+
+
+def test_the_shards_of_a_killed_job_go_with_the_next_writer(tiny_run_copy):
+    """A job killed while its workers wrote shards inside the run leaves ``.staging-ray-*``: the
+    next command that writes the run removes it (``recover_run``), and the run's files are untouched."""
+    from crossmodal.jobs.ray_encode import SHARD_PREFIX
+    from crossmodal.runs.folder import recover_run
+
+    before = contents(tiny_run_copy)
+    left = tiny_run_copy / f"{SHARD_PREFIX}killed" / "image"
+    left.mkdir(parents=True)
+    (left / "part-0.parquet").write_bytes(b"PAR1")
+    recover_run(tiny_run_copy)
+    assert not (tiny_run_copy / f"{SHARD_PREFIX}killed").exists()
+    assert contents(tiny_run_copy) == before
