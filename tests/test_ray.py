@@ -201,3 +201,33 @@ def test_the_shards_of_a_killed_job_go_with_the_next_writer(tiny_run_copy):
     recover_run(tiny_run_copy)
     assert not (tiny_run_copy / f"{SHARD_PREFIX}killed").exists()
     assert contents(tiny_run_copy) == before
+
+
+@slow
+def test_webdataset_shards_are_encoded_as_without_ray(ray_cluster, tiny_run, tmp_path):
+    """WebDataset-style shards (``.tar`` of ``KEY.png`` + ``KEY.txt``), read by the ``hub`` dataset,
+    give the same run with and without Ray (inline images: thumbnails written by the driver)."""
+    import io
+    import tarfile
+
+    from tinyrun import COLOURS, colour_image
+
+    from crossmodal.jobs.index import add_to_run
+
+    (tmp_path / "shards").mkdir()
+    rng = np.random.default_rng(0)
+    with tarfile.open(tmp_path / "shards" / "shard-000000.tar", "w") as tar:
+        for i, name in enumerate(list(COLOURS) * 3):
+            files = {"png": colour_image(COLOURS[name], rng), "txt": f"a {name} circle".encode()}
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    options = {"root": str(tmp_path / "shards"), "builder": "webdataset", "image_column": "png",
+               "text_column": "txt", "id_column": "__key__"}  # fmt: skip
+    single, on_ray = copy_run(tiny_run, tmp_path / "single"), copy_run(tiny_run, tmp_path / "ray")
+    want = add_to_run(single, "hub", options, progress=False)
+    assert add_to_run(on_ray, "hub", options, progress=False, ray=ray_options()) == want
+    assert want["added_items"] == 12
+    assert_same_run(on_ray, single)
+    assert contents(on_ray / "images") == contents(single / "images")

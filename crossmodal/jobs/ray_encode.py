@@ -184,6 +184,8 @@ class RayJob:
         # CPUs, it does not bind them: each actor still runs as fast as its core lets it)
         self.actor_cpus = min(1.0, max(0.1, (cpus - 1) / self.workers))
         self.ray.data.DataContext.get_current().enable_progress_bars = options.progress
+        if not log.isEnabledFor(logging.INFO):  # Ray Data narrates every dataset it runs
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
         log.info("encoding on Ray with %d %s workers (%.2f CPUs each); shards in %s",
                  self.workers, self.backend, self.actor_cpus, folder)  # fmt: skip
 
