@@ -238,7 +238,7 @@ class RayJob:
         )  # fmt: skip
         try:
             encoded.write_parquet(str(self.folder / modality), ray_remote_args={"num_cpus": 0.25})
-        except Exception as exc:  # Ray wraps the worker's error: its last line says what failed
+        except Exception as exc:  # Ray wraps the worker's error: _worker_error finds it
             why = _worker_error(exc)
             raise RunError(f"encoding {modality}s on Ray failed, nothing was changed: {why}") from exc
 
