@@ -160,10 +160,12 @@ def share_rows(buffer: torch.Tensor, parts: list[np.ndarray], values: torch.Tens
 
 def wrap(module: nn.Module, dist: Dist) -> nn.Module:
     """``module`` in DistributedDataParallel when distributed (rank 0's weights broadcast to all),
-    else itself. Parameters a step does not use (the other tower's) are allowed."""
+    else itself. Parameters a step does not use are allowed. Buffers are not broadcast at every
+    step: frozen towers' never change, and a trained tower's batch-norm statistics matter only
+    to rank 0, which validates and saves the model."""
     if not dist.enabled:
         return module
-    return nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
+    return nn.parallel.DistributedDataParallel(module, find_unused_parameters=True, broadcast_buffers=False)
 
 
 def _device() -> torch.device:

@@ -257,16 +257,14 @@ def fit(
         return _training_free(model, loss, data, device, frozen, dist)
     names = _NamePairs(data, sim, opts.label_names) if opts.label_names and data.names is not None else None
     step = _Step(model, loss, data.inputs, train, sim, opts, device, dist, names)
-    net = distributed.wrap(step, dist)  # the same module without a process group
-    if dist.enabled:
-        _draw_per_rank(loss, dist)
+    nets = _phase_nets(step, dist)
     buffers = _initial_buffers(model, data, train, device, dist)
     B = loss.update_codes(buffers["image"], buffers["text"])
     state = TrainState()
     if resume is not None:
         state, buffers, B = _restore(model, loss, opt, resume, device)
         log.info("resumed from epoch %d", state.epoch)
-    _Loop(model, loss, data, opts, device, frozen, dist, progress).run(net, opt, state, buffers, B, on_epoch)
+    _Loop(model, loss, data, opts, device, frozen, dist, progress).run(nets, opt, state, buffers, B, on_epoch)
     if state.best_state is not None:
         load_trainable_state(model, loss, state.best_state)
     model.set_bit_weights(None if loss.bit_weights() is None else loss.bit_weights().detach().cpu())
@@ -280,7 +278,7 @@ class _Loop:
         self.model, self.loss, self.data, self.opts, self.device = model, loss, data, opts, device
         self.frozen, self.dist, self.progress = frozen, dist, progress and dist.is_main
 
-    def run(self, net: torch.nn.Module, opt: torch.optim.Optimizer, state: TrainState,
+    def run(self, nets: dict[str, torch.nn.Module], opt: torch.optim.Optimizer, state: TrainState,
             buffers: dict[str, torch.Tensor], B: torch.Tensor,
             on_epoch: Callable[[Progress], None] | None) -> None:  # fmt: skip
         """Train from ``state.epoch`` to ``opts.epochs`` (or an early stop), updating ``state``."""
@@ -291,7 +289,8 @@ class _Loop:
             started = time.perf_counter()
             terms: dict[str, float] = {}
             for m in MODALITIES:
-                phase = _phase(net, opt, m, epoch, buffers, B, opts, self.dist, n)
+                self.model.train()
+                phase = _phase(nets[m], opt, m, epoch, buffers, B, opts, self.dist, n)
                 terms.update({f"{m}/{name}": value for name, value in phase.items()})
             B = self.loss.update_codes(buffers["image"], buffers["text"])
             record = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - started, 3), **terms}
@@ -354,6 +353,41 @@ def _initial_buffers(model: TwoTowerHasher, data: TrainData, train: np.ndarray, 
     return out
 
 
+def _phase_nets(step: _Step, dist: Dist) -> dict[str, torch.nn.Module]:
+    """What runs each tower's steps: ``step`` itself, or under ``torchrun`` one
+    DistributedDataParallel per tower over that tower, its head and the loss, so that a
+    phase all-reduces the gradients of what it trains and nothing of the other tower.
+
+    Raises:
+        ValueError: the model has trained parameters outside its towers and heads, which
+            neither would synchronise.
+    """
+    if not dist.enabled:
+        return {m: step for m in MODALITIES}
+    phases = {m: _Phase(step, m) for m in MODALITIES}
+    covered = {id(p) for phase in phases.values() for p in phase.parameters()}
+    stray = [k for k, p in step.model.named_parameters() if p.requires_grad and id(p) not in covered]
+    if stray:
+        raise ValueError(f"cannot train under torchrun: trained parameters outside the towers and heads "
+                         f"({', '.join(stray[:3])})")  # fmt: skip
+    _draw_per_rank(step.loss, dist)
+    return {m: distributed.wrap(phase, dist) for m, phase in phases.items()}
+
+
+class _Phase(torch.nn.Module):
+    """One tower's trained parts (tower, head) and the loss, as one module for
+    DistributedDataParallel; its forward is the shared ``_Step``."""
+
+    def __init__(self, step: _Step, m: str) -> None:
+        super().__init__()
+        self.tower, self.head = getattr(step.model, f"{m}_tower"), getattr(step.model, f"{m}_head")
+        self.loss = step.loss
+        self.steps = [step]  # in a list: the step, and with it the other tower, is no submodule
+
+    def forward(self, *args: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        return self.steps[0](*args)
+
+
 def _draw_per_rank(loss: HashLoss, dist: Dist) -> None:
     """Offset the seeded generators of sampling losses (triplets, ranked pairs) by the rank, so
     that the ranks draw independently; rank 0 draws as a single process would."""
@@ -377,8 +411,6 @@ def _phase(net: torch.nn.Module, opt: torch.optim.Optimizer, m: str, epoch: int,
     The epoch's item order is drawn alike on every rank; each global batch of
     ``opts.batch_size`` is split among the ranks. Returns the mean loss terms (over all ranks).
     """
-    step = net.module if dist.enabled else net
-    step.model.train()
     rng = np.random.default_rng([opts.seed, epoch, MODALITIES.index(m)])
     order = rng.permutation(n)
     draws = rng if not dist.enabled else np.random.default_rng([opts.seed, epoch, MODALITIES.index(m),

@@ -28,6 +28,7 @@ PARTS = [np.array([4, 0]), np.array([2, 1, 3])]  # the rows each of two ranks wr
 FIT_CASES = {
     "one_step": dict(batch_size=32, epochs=2, contrastive=0.5, decorrelation=1.0, spread=1.0),
     "steps": dict(batch_size=11, epochs=2, contrastive=0.5, decorrelation=0.5, spread=0.5, label_names=0.5),
+    "loss_parameters": dict(batch_size=11, epochs=2, loss="dlbhc"),  # a classifier both phases train
 }
 
 
@@ -56,9 +57,12 @@ def _fit_case(case: dict, dist: Dist) -> dict:
     model = TwoTowerHasher(_Features(12), _Features(10), 8)
     data = TrainData({m: TensorInputs(v) for m, v in x.items()}, np.arange(32), labels, val=np.arange(32, 40),
                      names=TensorInputs(torch.randn(5, 10)), name_columns=np.arange(5))  # fmt: skip
-    options = FitOptions(lr=0.05, optimizer="sgd", seed=0, **case)
-    state = fit(model, create_loss("dcmh", intra=0.0), data, options, dist=dist)
-    return {"weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+    case = dict(case)
+    loss = create_loss("dcmh", intra=0.0) if case.get("loss", "dcmh") == "dcmh" else create_loss(case["loss"])
+    options = FitOptions(lr=0.05, optimizer="sgd", seed=0, **{k: v for k, v in case.items() if k != "loss"})
+    state = fit(model, loss, data, options, dist=dist)
+    weights = {f"loss.{k}": v for k, v in loss.state_dict().items()} | model.state_dict()
+    return {"weights": {k: v.detach().clone() for k, v in weights.items()},
             "val": [r["val_map"] for r in state.history]}  # fmt: skip
 
 
