@@ -36,6 +36,8 @@ ALLOWED_LAZY: dict[tuple[str, str], str] = {
     ("crossmodal.serving.encoders", "crossmodal.serving.torch_encoders"):
         "torch and the model loader only for runs without exported ONNX encoders, so that serving "
         "an exported run imports no torch",
+    ("crossmodal.jobs.ray_encode", "crossmodal.runs.model"):
+        "torch in the Ray workers only for runs without exported ONNX encoders (index --ray)",
 }  # fmt: skip
 
 

@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import datasets
 import numpy as np
@@ -43,6 +43,7 @@ from crossmodal.features import join_captions
 from crossmodal.images import ImageDecodeError, open_image
 from crossmodal.index import BinaryIndex, create_index
 from crossmodal.io import atomic_path
+from crossmodal.jobs.ray_encode import RayOptions, add_on_ray, index_on_ray
 from crossmodal.models.hasher import TwoTowerHasher
 from crossmodal.runs.encode import encode_items, frozen_features, open_run_data
 from crossmodal.runs.folder import RunError, RunUpdate, check_run, lock_run, recover_run, verify_files
@@ -50,9 +51,6 @@ from crossmodal.runs.model import load_model
 from crossmodal.runs.state import INDEX_PARTS
 from crossmodal.store import MetadataStore, StoreError
 from crossmodal.text import QueryError
-
-if TYPE_CHECKING:
-    from crossmodal.jobs.ray_encode import RayOptions
 
 log = logging.getLogger(__name__)
 
@@ -209,9 +207,9 @@ def _index(run_dir: Path, kind: str | None, params: dict[str, Any] | None, progr
     text_ids = np.array([u["text_id"] for u in units], dtype=np.int64)
     added = stored_additions(run_dir, data.manifest, served, text_ids)
     if ray is not None:
-        from crossmodal.jobs.ray_encode import index_on_ray
-
-        image_index, text_index = index_on_ray(run_dir, ray, kind, params, model, dataset, db, units, added)
+        images = stored_images(run_dir, added.items) if added.items else None
+        image_index, text_index = index_on_ray(run_dir, ray, kind, params, model, dataset, db, units, added,
+                                               images)  # fmt: skip
         return _write_index(run_dir, dataset, db, units, added, previous, image_index, text_index, started)
     feats = frozen_features(data, model)
     image_index = build_index(
@@ -517,8 +515,6 @@ def encode_new_items(
     labels, unknown = run_label_names(dataset, positions, run_labels)
     stamps = item_stamps(dataset, positions, item_ids)  # before encoding: a file changed since is seen
     if ray is not None:  # on a Ray cluster (crossmodal index --add --ray)
-        from crossmodal.jobs.ray_encode import add_on_ray
-
         add_on_ray(run_dir, ray, model, indexes, dataset, positions, item_ids, units)
     else:
         encode_into(model, indexes["image"], "image", item_ids, dataset, positions, progress=progress)

@@ -5,7 +5,7 @@ labels: metadata only, with the same functions of ``crossmodal.jobs.index``). Ra
 the images in blocks (``read_binary_files`` for image files, Arrow blocks for images held
 inline by a dataset) and the texts, and ``map_batches`` runs them through an actor pool whose
 actors load the run's encoders once each: its exported ONNX encoders when it has them, else
-its torch model (``crossmodal.serving.encoders``), the same choice as serving. The actors
+its torch model, the same choice as serving (``crossmodal.serving.encoders``). The actors
 write Parquet shards of packed codes:
 
     <shards>/image/*.parquet    id int64, code fixed_size_binary[bits / 8]
@@ -40,8 +40,8 @@ import numpy as np
 from crossmodal.codes import pack_codes
 from crossmodal.images import ImageDecodeError, open_image
 from crossmodal.index import BinaryIndex, create_index, default_nlist
+from crossmodal.runs.exported import ENCODERS_FILE, EncoderFileError, OnnxEncoders, read_spec
 from crossmodal.runs.folder import STAGING_PREFIX, RunError, read_manifest
-from crossmodal.serving.encoders import choose_backend, load_encoders
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Encode:
                  path_ids: dict[str, int] | None = None) -> None:  # fmt: skip
         for module in imports:  # the modules that register the run's own towers
             importlib.import_module(module)
-        self.encoders = load_encoders(run_dir, read_manifest(run_dir), backend, threads=1)
+        self.encoders = OnnxEncoders.load(run_dir, threads=1) if backend == "onnx" else TorchCodes(run_dir)
         self.modality, self.path_ids = modality, path_ids or {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
@@ -116,6 +116,49 @@ class Encode:
             return open_image(bytes(data))
         except ImageDecodeError as exc:
             raise ImageDecodeError(f"item {name}: {exc}") from None
+
+
+class TorchCodes:
+    """A run's torch model over decoded images and texts, as ``crossmodal index`` encodes them
+    without Ray (``crossmodal.runs.encode``): continuous codes ``float32 [n, bits]``."""
+
+    def __init__(self, run_dir: str) -> None:
+        import torch
+
+        from crossmodal.runs.model import load_model
+
+        torch.set_num_threads(1)  # one core an actor
+        self.torch, self.model = torch, load_model(run_dir)
+
+    def encode_images(self, images: list[Any]) -> np.ndarray:
+        tower = self.model.image_tower
+        with self.torch.no_grad():
+            return self.model.encode_image(self.torch.stack([tower.preprocess(i) for i in images])).numpy()
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        with self.torch.no_grad():
+            return self.model.encode_text(self.model.text_tower.tokenize(texts)).numpy()
+
+
+def choose_backend(run_dir: Path) -> str:
+    """``"onnx"`` when the run lists exported encoders made from its current model, else ``"torch"``
+    (the serving engine's choice, ``crossmodal.serving.encoders``).
+
+    Raises:
+        RunError: the exported encoders are unreadable, or were made from another model.
+    """
+    manifest = read_manifest(run_dir)
+    if ENCODERS_FILE not in manifest.get("files", {}):
+        return "torch"
+    hint = f"re-run: crossmodal export --run {run_dir}"
+    try:
+        spec = read_spec(run_dir)
+    except EncoderFileError as exc:
+        raise RunError(f"{run_dir}: {exc}; {hint}") from None
+    if any(manifest["files"].get(name) != sha for name, sha in spec.source.items()):
+        raise RunError(f"{run_dir}: the exported encoders were made from another model than the "
+                       f"run's; {hint}")  # fmt: skip
+    return "onnx"
 
 
 @contextmanager
@@ -176,7 +219,7 @@ class RayJob:
 
     def __init__(self, ray: Any, run_dir: Path, options: RayOptions, model: Any, folder: Path) -> None:
         self.ray, self.run_dir, self.options, self.folder = ray, run_dir, options, folder
-        self.backend = choose_backend(read_manifest(run_dir))
+        self.backend = choose_backend(run_dir)
         self.imports = plugin_modules(model) if self.backend == "torch" else ()
         cpus = float(ray.cluster_resources().get("CPU", 1))
         self.workers = int(options.workers or max(1, int(cpus) - 1))
@@ -327,20 +370,19 @@ def add_on_ray(
 
 def index_on_ray(
     run_dir: Path, options: RayOptions, kind: str, params: dict[str, Any], model: Any, dataset: Any,
-    database: np.ndarray, units: list[dict[str, Any]], added: Any,
+    database: np.ndarray, units: list[dict[str, Any]], added: Any, added_images: Any = None,
 ) -> tuple[BinaryIndex, BinaryIndex]:  # fmt: skip
     """``index --ray``: the run's image and text indexes of kind ``kind``, encoded on Ray.
 
     Args:
         database: positions of the dataset's served items (their ids).
         units: text entries (``text_units``); added: the run's added items (``stored_additions``),
-            encoded from their stored images and captions under the ids they have.
+            encoded from their stored images (``added_images``, a dataset of them in that
+            order: ``stored_images``) and captions under the ids they have.
 
     Raises:
         RunError: the encoding failed (the message says why).
     """
-    from crossmodal.jobs.index import stored_images
-
     _check_captions(dataset)
     texts = [*units, *added.texts]
     item_ids = np.concatenate([database, [it["item_id"] for it in added.items]]).astype(np.int64)
@@ -349,8 +391,7 @@ def index_on_ray(
         job = RayJob(ray, run_dir, options, model, folder)
         job.encode_images(dataset, database, database)
         if added.items:
-            job.encode_images(stored_images(run_dir, added.items), np.arange(len(added.items)),
-                              item_ids[len(database):])  # fmt: skip
+            job.encode_images(added_images, np.arange(len(added.items)), item_ids[len(database):])
         job.encode_texts(text_ids, [t["caption"] for t in texts])
         image_index = fill_index(create_index(kind, model.bits, **params), *job.codes("image", item_ids))
         text_index = fill_index(create_index(kind, model.bits, **params), *job.codes("text", text_ids))
