@@ -24,6 +24,7 @@ ENTRY = {"crossmodal.cli", "crossmodal.app", "crossmodal.__main__"}
 CORE_RANKS = {
     "crossmodal": 0, "crossmodal.registry": 0, "crossmodal.io": 0, "crossmodal.codes": 0,
     "crossmodal.images": 0, "crossmodal.augment": 0, "crossmodal.text": 0, "crossmodal.config": 0,
+    "crossmodal.distributed": 0,  # torch.distributed helpers; imports nothing of crossmodal
     "crossmodal.data": 1,
     "crossmodal.models": 2, "crossmodal.index": 2, "crossmodal.store": 2, "crossmodal.evaluate": 2,
     "crossmodal.baselines": 2, "crossmodal.features": 2, "crossmodal.report": 2,
