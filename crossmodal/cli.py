@@ -259,6 +259,18 @@ def _ray_options(args: argparse.Namespace):
                       progress=sys.stderr.isatty())  # fmt: skip
 
 
+def _ray_words(args: argparse.Namespace) -> str:
+    """``--ray``, ``--shards`` and ``--ray-workers`` as typed, for the command a lock or journal names."""
+    import shlex
+
+    if args.ray is None:
+        return ""
+    words = [" --ray", f" {shlex.quote(args.ray)}" if args.ray else ""]
+    words += [f" --shards {shlex.quote(args.shards)}"] if args.shards else []
+    words += [f" --ray-workers {args.ray_workers}"] if args.ray_workers else []
+    return "".join(words)
+
+
 def _index_change(args: argparse.Namespace) -> int:
     """``index --add`` / ``--sync`` / ``--remove`` / ``--remove-file``: change a run's items, print
     what changed (progress bars only on a terminal)."""
@@ -279,7 +291,7 @@ def _index_change(args: argparse.Namespace) -> int:
         return 0
     if args.add:
         info = add_to_run(args.run, args.add, _options(args.option), progress=bars,
-                          command=f"{line} --add {shlex.quote(args.add)}{options}",
+                          command=f"{line} --add {shlex.quote(args.add)}{options}{_ray_words(args)}",
                           ray=ray)  # fmt: skip
         print(add_summary(args.run, info))
         return 0
@@ -330,7 +342,12 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.if_missing and is_indexed(args.run):
         print(f"{args.run} is already indexed (skipping)")
         return 0
-    info = index_run(args.run, kind=args.kind, params=_options(args.param), ray=ray)
+    import shlex
+
+    kind = f" --kind {args.kind}" if args.kind else ""
+    params = "".join(f" -p {shlex.quote(p)}" for p in args.param or [])
+    command = f"crossmodal index --run {shlex.quote(args.run)}{kind}{params}{_ray_words(args)}"
+    info = index_run(args.run, kind=args.kind, params=_options(args.param), ray=ray, command=command)
     n_img, n_txt = info["items"], info["texts"]
     print(f"indexed {n_img} images and {n_txt} texts ({info['kind']}) in {info['seconds']:.1f} s")
     return 0

@@ -231,3 +231,17 @@ def test_webdataset_shards_are_encoded_as_without_ray(ray_cluster, tiny_run, tmp
     assert want["added_items"] == 12
     assert_same_run(on_ray, single)
     assert contents(on_ray / "images") == contents(single / "images")
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [(["index", "--run", "r", "--add", "f"], ""),
+     (["index", "--run", "r", "--add", "f", "--ray"], " --ray"),
+     (["index", "--run", "r", "--ray", "ray://head:10001", "--shards", "/s d", "--ray-workers", "3"],
+      " --ray ray://head:10001 --shards '/s d' --ray-workers 3")],
+)
+def test_the_command_a_journal_names_keeps_the_ray_options(argv, words):
+    # a killed job's journal says what to re-run: without --ray that would encode in one process
+    from crossmodal.cli import _ray_words, build_parser
+
+    assert _ray_words(build_parser().parse_args(argv)) == words
