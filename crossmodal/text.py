@@ -34,6 +34,9 @@ N_SPECIAL_IDS = 2
 
 NORMAL_FORM = "NFKC"
 EMPTY_QUERY_MESSAGE = "the text query is empty; type a few words"
+# A query with something in it that the model still cannot read: said as such, never "empty".
+NO_WORDS_MESSAGE = "the query {query} has no words (letters or digits); type a few words"
+UNKNOWN_WORDS_MESSAGE = "none of the query's words are in the model's vocabulary: {words}; try other keywords"
 MAX_NAMED_WORDS = 10  # unknown words named in a message; the rest are counted
 NO_WORD_LIST_MESSAGE = (
     "this text model has no word list (its dataset ships bag-of-words vectors only), "
@@ -116,20 +119,18 @@ def check_query_words(text: str, known: list[str], unknown: list[str]) -> None:
             the unknown token).
 
     Raises:
-        QueryError: the query is empty (``EMPTY_QUERY_MESSAGE``), has no word at all, or
-            none of its words is known: the same message, then what the model saw (the
-            words are named). A query with some unknown words passes; the engine names them
-            as ignored.
+        QueryError: one message per case: the query is empty (``EMPTY_QUERY_MESSAGE``), has no
+            word at all (``NO_WORDS_MESSAGE``), or none of its words is known
+            (``UNKNOWN_WORDS_MESSAGE``, naming them). A query with some unknown words passes;
+            the engine names them as ignored.
     """
     check_not_empty(text)
     if known:
         return
-    # to the model these are empty queries too: the same message, then what it saw
     if not unknown:
-        shown = text if len(text) <= 40 else text[:40] + "..."
-        raise QueryError(f"{EMPTY_QUERY_MESSAGE} (to the model: {shown!r} has no words, letters or digits)")
-    raise QueryError(f"{EMPTY_QUERY_MESSAGE} (to the model: none of the query's words are in the model's "
-                     f"vocabulary: {name_words(unknown)})")  # fmt: skip
+        shown = text.strip() if len(text.strip()) <= 40 else text.strip()[:40] + "..."
+        raise QueryError(NO_WORDS_MESSAGE.format(query=repr(shown)))
+    raise QueryError(UNKNOWN_WORDS_MESSAGE.format(words=name_words(unknown)))
 
 
 def check_query(text: str, read_query: QueryReader) -> None:

@@ -155,12 +155,16 @@ def test_about_endpoint_describes_the_run(served):
 @pytest.mark.parametrize(
     ("query", "expected"),
     [("", "Type one or more keywords"), ("   ", "Type one or more keywords"), ("zzzqx wvvq", "zzzqx, wvvq"),
-     ("猫", "none of the query's words are in the model's vocabulary: 猫")],
+     ("猫", "none of the query's words are in the model's vocabulary: 猫; try other keywords"),
+     ("🐱 ❤️", "the query '🐱 ❤️' has no words (letters or digits); type a few words"),
+     ("a" * 5000, "none of the query's words are in the model's vocabulary: " + "a" * 40 + "...; try other")],
+    ids=["empty", "spaces", "unknown_words", "cjk", "emoji", "5000_letters"],
 )  # fmt: skip
 def test_bad_text_queries_give_a_message(served, query, expected):
     client, _, _ = served
     *_, result = client.predict(query, 5, api_name="/text_to_images")
     assert expected in result["error"] and result["hits"] == []
+    assert query.strip() == "" or "empty" not in result["error"], "text in the box is never called empty"
 
 
 def test_some_unknown_words_are_named_in_a_notice(served):

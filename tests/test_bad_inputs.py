@@ -306,7 +306,7 @@ TEXT_CASES = {
     "zero_width_space": ("\u200b", "the text query is empty"),
     "punctuation_only": ("?!", "has no words"),
     "emoji_only": ("🍎 ❤️", "has no words"),
-    "non_latin": ("красный 赤い", "none of the query's words are in the model's vocabulary: красный, 赤い"),
+    "non_latin": ("красный 赤い", "none of the query's words are in the model's vocabulary: красный, 赤い;"),
     "all_oov": ("zebra xylophone zebra", "vocabulary: zebra, xylophone"),
     "oov_10000_chars": ("qqq " * 2500, "vocabulary: qqq"),
     "not_a_string": (None, "a text query must be a string"),
@@ -325,6 +325,21 @@ def test_unusable_text_is_refused_by_name(case, engine, app_module):
     blank = ("empty", "whitespace", "not_a_string", "control_only", "zero_width_space")
     expected = "Type one or more keywords" if case in blank else message
     assert isinstance(answer, str) and expected in answer
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [("猫", "none of the query's words are in the model's vocabulary: 猫; try other keywords"),
+     ("🐱 ❤️", "the query '🐱 ❤️' has no words (letters or digits); type a few words"),
+     (" ", "the text query is empty; type a few words")],
+    ids=["cjk", "emoji", "blank"],
+)  # fmt: skip
+def test_cli_search_says_the_same_as_the_engine(query, message, tiny_run, capsys):
+    """Reported by a new user: "猫" was called an empty query; the CLI prints the engine's message."""
+    from crossmodal.cli import main
+
+    assert main(["search", "--run", str(tiny_run), "--text", query]) == 2
+    assert capsys.readouterr().err.strip() == f"crossmodal search: {message}"
 
 
 @pytest.mark.parametrize(

@@ -85,7 +85,10 @@ def test_item_images_and_about(api):
         ({"method": "GET", "params": {"text": "red", "k": "0"}}, 400,
          "k must be a positive integer, got '0'"),
         ({"method": "GET", "params": {"k": "3"}}, 400, "Type one or more keywords first."),
-        ({"method": "GET", "params": {"text": "猫"}}, 400, "vocabulary: 猫"),
+        ({"method": "GET", "params": {"text": "猫"}}, 400,
+         "none of the query's words are in the model's vocabulary: 猫; try other keywords"),
+        ({"method": "POST", "json": {"text": "🐱 ❤️"}}, 400,
+         "the query '🐱 ❤️' has no words (letters or digits); type a few words"),
         ({"method": "GET", "params": {"text": "red", "target": "sounds"}}, 400, "target must be one of"),
         ({"method": "POST", "content": b"{not json", "headers": {"content-type": "application/json"}}, 400,
          "the body is not valid JSON"),
@@ -99,8 +102,8 @@ def test_item_images_and_about(api):
         ({"method": "POST", "files": {"image": ("big.png", b"\0" * 11_000_000, "image/png")}}, 413,
          "larger than 10 MB"),
     ],
-    ids=["k_text", "k_zero", "no_text", "unknown_script", "bad_target", "bad_json", "json_list", "plain_text",
-         "empty_image", "not_an_image", "too_large"],
+    ids=["k_text", "k_zero", "no_text", "unknown_script", "emoji_only", "bad_target", "bad_json", "json_list",
+         "plain_text", "empty_image", "not_an_image", "too_large"],
 )  # fmt: skip
 def test_bad_input_gets_4xx_and_one_line(api, request_kwargs, status, message):
     client, _ = api

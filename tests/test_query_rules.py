@@ -28,10 +28,11 @@ def reader(known: list[str], unknown: list[str]):
     [
         ("", [], [], f"^{re.escape(EMPTY_QUERY_MESSAGE)}$"),
         ("\u200b\ufeff", ["x"], [], f"^{re.escape(EMPTY_QUERY_MESSAGE)}$"),  # blank before the tower is asked
-        ("!!!", [], [], "has no words"),
-        ("zebra 🍎", [], ["zebra", "🍎"], "vocabulary: zebra, 🍎\\)$"),
+        ("!!!", [], [], "^the query '!!!' has no words \\(letters or digits\\); type a few words$"),
+        ("zebra 🍎", [], ["zebra", "🍎"],
+         "^none of the query's words are in the model's vocabulary: zebra, 🍎; try other keywords$"),
     ],
-)
+)  # fmt: skip
 def test_check_query_refuses_with_one_message_per_case(text, known, unknown, message):
     with pytest.raises(QueryError, match=message):
         check_query(text, reader(known, unknown))
@@ -59,14 +60,29 @@ def test_a_vocabulary_tower_reads_its_words_or_refuses_without_a_word_list():
 
 
 @pytest.mark.parametrize(
-    ("text", "known", "unknown"), [("", [], []), ("!!!", [], []), ("zebra", [], ["zebra"])]
+    ("text", "known", "unknown"),
+    [("猫", [], ["猫"]), ("🐱 ❤️", [], ["🐱", "❤️"]), ("a" * 5000, [], ["a" * 5000]), ("🐱 ❤️", [], [])],
+    ids=["cjk", "emoji_unknown", "5000_letters", "emoji_no_words"],
 )
-def test_every_unusable_query_gets_the_empty_query_message(text, known, unknown):
-    """A query none of whose tokens the tower can represent is, to the model, an empty query:
-    the same message, then what the model saw."""
+def test_a_query_with_text_in_it_is_never_called_empty(text, known, unknown):
+    """Reported by a new user: "猫" was refused as "the text query is empty" and then, in the
+    same line, as unknown words. A query with something in it gets one message that says what
+    the model could not read."""
     with pytest.raises(QueryError) as err:
         check_query(text, reader(known, unknown))
-    assert str(err.value).startswith(EMPTY_QUERY_MESSAGE)
+    message = str(err.value)
+    assert "empty" not in message and message.count(";") == 1 and len(message) < 200
+    if unknown:
+        assert message.startswith("none of the query's words are in the model's vocabulary: ")
+        assert message.endswith("; try other keywords")
+    else:
+        assert message.startswith(f"the query {text!r} has no words")
+
+
+@pytest.mark.parametrize("text", ["", " \t\n", "\u200b\ufeff"])
+def test_a_blank_query_is_called_empty(text):
+    with pytest.raises(QueryError, match=f"^{re.escape(EMPTY_QUERY_MESSAGE)}$"):
+        check_query(text, reader(["x"], []))
 
 
 def test_a_refused_long_word_is_not_repeated_whole():
