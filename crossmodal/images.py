@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import struct
 import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 # Images above this many pixels are refused before decoding (decompression bombs).
 MAX_PIXELS = 64_000_000
@@ -103,21 +105,51 @@ def _open(source: str | os.PathLike[str] | bytes | Image.Image, max_pixels: int)
         if not data:
             raise ImageDecodeError(f"image is empty (0 bytes): {name}")
         try:
-            img = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
+            img = read_header(data)
+        except Image.DecompressionBombError as exc:  # a plugin's own check (a GIF frame beyond its screen)
+            pixels = re.search(r"\((\d+) pixels\)", str(exc))
+            size = f"{int(pixels.group(1)):,} pixels" if pixels else "more pixels than allowed"
+            raise ImageDecodeError(f"image too large: {size}, limit {max_pixels:,}: {name}") from None
+        except (OSError, SyntaxError, ValueError) as exc:  # a header cut short (e.g. a JPEG)
+            raise ImageDecodeError(f"image is truncated or corrupt: {name}: {exc}") from None
+        if img is None:
             if _looks_like_svg(data):
                 raise ImageDecodeError(
                     f"SVG (vector) images are not supported: {name}; upload a PNG or JPEG"
                 ) from None
             raise ImageDecodeError(f"not a readable image (unknown format): {name}") from None
-        except Image.DecompressionBombError as exc:
-            raise ImageDecodeError(f"image too large to decode safely: {name}: {exc}") from None
-        except (OSError, SyntaxError, ValueError) as exc:  # a header cut short (e.g. a JPEG)
-            raise ImageDecodeError(f"image is truncated or corrupt: {name}: {exc}") from None
     w, h = img.size
     if w * h > max_pixels:
         raise ImageDecodeError(f"image too large: {w}x{h} = {w * h:,} pixels, limit {max_pixels:,}: {name}")
     return img, name
+
+
+def read_header(data: bytes) -> Image.Image | None:
+    """``data`` opened lazily (its header read, no pixel decoded), or None when no format plugin
+    takes it: ``Image.open`` without Pillow's own size check, so that ours (``max_pixels``, lower)
+    says what is wrong in our words, for any size, and Pillow never warns.
+
+    The registered plugins are tried as ``Image.open`` tries them: the common ones first, then
+    every one; a plugin that refuses the header (``SyntaxError`` and kin) passes it on.
+
+    Raises:
+        OSError, ValueError: a header that a plugin took but could not read (cut short).
+    """
+    prefix = data[:16]
+    tried: set[str] = set()
+    for load_plugins in (Image.preinit, Image.init):
+        load_plugins()
+        for fmt in [f for f in Image.ID if f not in tried]:
+            tried.add(fmt)
+            factory, accept = Image.OPEN[fmt]
+            taken = accept is None or accept(prefix)
+            if not taken or isinstance(taken, str):  # a str: a format Pillow knows but cannot open
+                continue
+            try:
+                return factory(io.BytesIO(data), "")
+            except (SyntaxError, IndexError, TypeError, struct.error):
+                continue
+    return None
 
 
 def _converted(img: Image.Image, name: str) -> Image.Image:

@@ -124,3 +124,17 @@ def test_a_long_query_and_unknown_words_come_with_notices(api):
     ]
     body = client.get("/api/search", params={"text": "red", "k": 500}).json()
     assert len(body["hits"]) == 96 and "showing the best 100" in body["notices"][0]
+
+
+@pytest.mark.parametrize("side", [11_000, 20_000])
+def test_an_oversized_upload_gets_our_message_at_any_size(api, side):
+    """Reported by a new user: 11,000 px got our message, 20,000 px Pillow's "decompression bomb"."""
+    from test_bad_inputs import one_colour_png
+
+    client, _ = api
+    files = {"image": (f"huge{side}.png", one_colour_png(side, side), "image/png")}
+    response = client.post("/api/search", files=files)
+    assert response.status_code == 400
+    assert response.json()["error"] == (
+        f"image too large: {side}x{side} = {side * side:,} pixels, limit 64,000,000: huge{side}.png"
+    )
