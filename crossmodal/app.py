@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import gradio as gr
 
     from crossmodal.serving import Hit, RetrievalEngine, SearchResult
-    from crossmodal.serving.http import Answer
+    from crossmodal.serving.http import Answer, SearchSlots
     from crossmodal.serving.live import LiveEngine
 
 log = logging.getLogger("crossmodal.app")
@@ -279,10 +279,11 @@ def servable(path: str, roots: list[Path]) -> bool:
 
 
 class TabView:
-    """The components of one tab and the functions that fill and clear them."""
+    """The components of one tab and the functions that fill and clear them; its searches take
+    one of ``slots`` each (the cap shared with the HTTP API)."""
 
-    def __init__(self, live: LiveEngine, tab: Tab, k: int) -> None:
-        self.live, self.tab, self.k = live, tab, k
+    def __init__(self, live: LiveEngine, tab: Tab, k: int, slots: SearchSlots) -> None:
+        self.live, self.tab, self.k, self.slots = live, tab, k, slots
 
     def build(self, examples: list[Any]) -> None:
         """Lay out the tab: query row, clickable examples, then the results."""
@@ -345,7 +346,8 @@ class TabView:
         from crossmodal.serving.http import answer_json
 
         engine = self.live.get()
-        ans = web_search(engine, self.tab, query, k)
+        with self.slots:
+            ans = web_search(engine, self.tab, query, k)
         if isinstance(ans, str):
             return self._message(ans)
         hits = ans.result.hits
@@ -387,13 +389,19 @@ class TabView:
         return self.cleared() if not query else tuple(gr.skip() for _ in self.outputs())
 
 
-def build_app(engine: RetrievalEngine | LiveEngine, k: int = DEFAULT_K) -> gr.Blocks:
-    """The Gradio Blocks for ``engine``: four search tabs and an "About this run" panel."""
+def build_app(engine: RetrievalEngine | LiveEngine, k: int = DEFAULT_K, slots: SearchSlots | None = None
+              ) -> gr.Blocks:  # fmt: skip
+    """The Gradio Blocks for ``engine``: four search tabs and an "About this run" panel.
+
+    Args:
+        slots: the cap on searches at once, to share with the HTTP API (default: ``CONCURRENCY``).
+    """
     import gradio as gr
 
-    from crossmodal.serving.http import about_json
+    from crossmodal.serving.http import SearchSlots, about_json
 
     live = as_live(engine)
+    slots = slots or SearchSlots(CONCURRENCY)
     first = live.get()
     roots = first.image_roots()
     texts, images = example_queries(first), example_images(first, roots)
@@ -407,7 +415,7 @@ def build_app(engine: RetrievalEngine | LiveEngine, k: int = DEFAULT_K) -> gr.Bl
             about = gr.Markdown(about_markdown(first), elem_id="about")
         for tab in TABS:
             with gr.Tab(tab.title, id=tab.api_name):
-                view = TabView(live, tab, k)
+                view = TabView(live, tab, k, slots)
                 view.build(texts if tab.source == "text" else images)
                 view.wire()
 
@@ -429,24 +437,26 @@ def as_live(engine: RetrievalEngine | LiveEngine) -> LiveEngine:
 
 def serve(engine: RetrievalEngine | LiveEngine, host: str = "127.0.0.1", port: int | None = 7860,
           k: int = DEFAULT_K, prevent_thread_lock: bool = False) -> tuple[gr.Blocks, str]:  # fmt: skip
-    """Build, queue and launch the app on ``host:port``, with the HTTP API on the same server.
+    """Build, queue and launch the app on ``host:port``, with the HTTP API on the same server; the
+    two share one cap of ``CONCURRENCY`` searches at once.
 
     Returns:
         The running Blocks (``.close()`` stops it) and its local URL.
     """
     import gradio as gr
 
-    from crossmodal.serving.http import api_routes
+    from crossmodal.serving.http import SearchSlots, api_routes
 
     live = as_live(engine)
-    demo = build_app(live, k=k)
+    slots = SearchSlots(CONCURRENCY)
+    demo = build_app(live, k=k, slots=slots)
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=64)
     theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=["ui-monospace", "monospace"])
     _, url, _ = demo.launch(
         server_name=host, server_port=port, share=False, prevent_thread_lock=prevent_thread_lock,
         allowed_paths=[str(p) for p in live.get().image_roots()], max_file_size=MAX_FILE_SIZE,
         show_error=False, enable_monitoring=False, mcp_server=False, ssr_mode=False, quiet=True,
-        theme=theme, css=CSS, footer_links=["api"], app_kwargs={"routes": api_routes(live.get)},
+        theme=theme, css=CSS, footer_links=["api"], app_kwargs={"routes": api_routes(live.get, slots)},
     )  # fmt: skip
     return demo, url
 

@@ -12,14 +12,20 @@ The routes, served beside the Gradio app on the same server (``crossmodal serve`
     GET  /api/about                                 what the run is
     GET  /api/items/{item_id}/image                 an item's image file
 
-Bad input gets HTTP 400 (413 for an upload over the size limit) and ``{"error": "<one line>"}``.
+A request sends text or an image, never both, with the fields ``text``, ``image`` (a multipart
+file upload), ``k`` (blank: the default) and ``target``, each once. Bad input gets HTTP 400 (413
+for an upload over the size limit) and ``{"error": "<one line>"}``; a search's answer carries
+``hits`` and ``notices`` too. At most ``CONCURRENCY`` searches run at once, shared with the app's
+own (``SearchSlots``): the rest wait, so that concurrent uploads cannot decode without bound.
 FastAPI (installed with Gradio, the ``[app]`` extra) is imported only by ``api_routes``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +43,10 @@ MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # the same limit as the app's uploads
 INTERNAL_ERROR = "The search failed with an internal error; the server log has the details."
 TEXT_FIRST = "Type one or more keywords first."
 IMAGE_FIRST = "Upload an image first (or click one of the examples)."
+NOT_BOTH = "send text or an image, not both"
+SEND_ONE = "send text (-F text=red) or an image (-F image=@photo.png)"
+FIELDS = ("text", "image", "k", "target")  # of a POST; a GET takes all but image
+CONCURRENCY = 2  # searches at once: the app's queue runs as many (crossmodal.app.CONCURRENCY)
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,28 @@ DIRECTIONS = {
     "t2t": Direction("text", "text", "similar_texts"),
 }
 TARGETS = {"images": "image", "texts": "text", "captions": "text"}  # the HTTP API's ?target=
+
+
+class SearchSlots:
+    """At most ``n`` searches at once, for the app's event handlers and the HTTP routes together.
+
+    A search's memory peak is decoding its image (an 8000 x 8000 upload of 76 KB decodes to
+    190 MB), so one cap on searches bounds the server's memory whichever way they come in. Use
+    it as a context manager around a search, in the thread that runs it.
+    """
+
+    def __init__(self, n: int = CONCURRENCY) -> None:
+        if n < 1:
+            raise ValueError(f"SearchSlots needs at least 1 slot, got {n}")
+        self.n = n
+        self._free = threading.BoundedSemaphore(n)
+
+    def __enter__(self) -> SearchSlots:
+        self._free.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._free.release()
 
 
 class RequestError(ValueError):
@@ -139,8 +171,10 @@ def answer(engine: RetrievalEngine, direction: str, query: Any, k: Any, name: st
     d = DIRECTIONS[direction]
     asked = parse_k(k)
     if d.source == "text":
-        if not isinstance(query, str) or is_blank(query):
+        if query is None or (isinstance(query, str) and is_blank(query)):
             raise RequestError(TEXT_FIRST)
+        if not isinstance(query, str):
+            raise RequestError(f"text must be a string, got {type(query).__name__}")
         query = query.strip()
         label = query
     else:
@@ -232,7 +266,7 @@ def answer_json(ans: Answer, describe: dict[str, Any]) -> dict[str, Any]:
 
 
 def error_json(message: str) -> dict[str, Any]:
-    """The JSON answer to bad input: the message, no hits."""
+    """The JSON answer to a bad search: the message, no hits."""
     return {"error": message, "hits": [], "notices": []}
 
 
@@ -254,41 +288,48 @@ def item_image(engine: RetrievalEngine, item_id: int) -> Path | None:
 
 
 # -- the HTTP routes -------------------------------------------------------------------------------
-def api_routes(get_engine: Callable[[], RetrievalEngine]) -> list[Any]:
+def api_routes(get_engine: Callable[[], RetrievalEngine], slots: SearchSlots | None = None) -> list[Any]:
     """FastAPI routes of the HTTP API over the engine ``get_engine()`` returns at each request
-    (for ``FastAPI(routes=...)``: Gradio's ``launch(app_kwargs={"routes": ...})``)."""
+    (for ``FastAPI(routes=...)``: Gradio's ``launch(app_kwargs={"routes": ...})``).
+
+    Args:
+        slots: the cap on searches at once, shared with the app's handlers (default: a cap of
+            ``CONCURRENCY`` for these routes alone). Requests beyond it wait without a thread.
+    """
+    import anyio
     from fastapi import Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.routing import APIRoute
 
+    slots = slots or SearchSlots()
+    waiting = anyio.Semaphore(slots.n)  # threads stay free for the app while requests wait
+
     def respond(direction: str, query: Any, k: Any, name: str | None = None) -> JSONResponse:
         engine = get_engine()
         try:
-            return JSONResponse(answer_json(answer(engine, direction, query, k, name), engine.describe()))
+            with slots:
+                ans = answer(engine, direction, query, k, name)
+            return JSONResponse(answer_json(ans, engine.describe()))
         except RequestError as exc:
             return JSONResponse(error_json(str(exc)), status_code=exc.status)
         except Exception:  # the server stays up and shows no traceback
             log.exception("HTTP search failed")
             return JSONResponse(error_json(INTERNAL_ERROR), status_code=500)
 
-    def search_get(text: str | None = None, k: str = str(DEFAULT_K), target: str | None = None) -> Any:
-        """Text search: ``?text=...&k=...&target=images|texts``."""
+    async def search(request: Request) -> Any:
+        """GET ``?text=...&k=...&target=images|texts``; POST a JSON body ``{"text", "k", "target"}``
+        or a multipart form with ``image`` (or ``text``)."""
         try:
-            return respond(direction_of("text", target), text, k)
-        except RequestError as exc:
-            return JSONResponse(error_json(str(exc)), status_code=exc.status)
-
-    async def search_post(request: Request) -> Any:
-        """A JSON body ``{"text", "k", "target"}``, or a multipart form with ``image`` (or ``text``)."""
-        try:
-            source, query, k, target, name = await read_post(request)
+            source, query, k, target, name = read_get(request) if request.method == "GET" else (
+                await read_post(request))  # fmt: skip
             direction = direction_of(source, target)
         except RequestError as exc:
             return JSONResponse(error_json(str(exc)), status_code=exc.status)
-        return await run_in_threadpool(respond, direction, query, k, name)
+        async with waiting:
+            return await run_in_threadpool(respond, direction, query, k, name)
 
-    search_post.__annotations__["request"] = Request  # FastAPI reads it; not a module-level name here
+    search.__annotations__["request"] = Request  # FastAPI reads it; not a module-level name here
 
     def about() -> Any:
         return JSONResponse(about_json(get_engine()))
@@ -296,45 +337,115 @@ def api_routes(get_engine: Callable[[], RetrievalEngine]) -> list[Any]:
     def image(item_id: str) -> Any:
         path = item_image(get_engine(), int(item_id)) if item_id.isdigit() else None
         if path is None:
-            return JSONResponse(error_json(f"no image of item {item_id[:40]!r} here"), status_code=404)
+            return JSONResponse({"error": f"no image of item {item_id[:40]!r} here"}, status_code=404)
         return FileResponse(path)
 
     return [
-        APIRoute("/api/search", search_get, methods=["GET"]),
-        APIRoute("/api/search", search_post, methods=["POST"]),
+        APIRoute("/api/search", search, methods=["GET", "POST"]),
         APIRoute("/api/about", about, methods=["GET"]),
-        APIRoute("/api/items/{item_id}/image", image, methods=["GET"]),
+        APIRoute("/api/items/{item_id}/image", image, methods=["GET", "HEAD"]),
     ]
+
+
+def check_fields(names: list[str], allowed: tuple[str, ...], what: str = "field") -> None:
+    """Refuse a request field not in ``allowed``, or one given twice (never silently the last).
+
+    Raises:
+        RequestError: naming the field, and the ones there are.
+    """
+    seen: set[str] = set()
+    for name in names:
+        if name not in allowed:
+            raise RequestError(f"unknown {what} {name[:40]!r} ({what}s: {', '.join(allowed)})")
+        if name in seen:
+            raise RequestError(f"{name} given twice")
+        seen.add(name)
+
+
+def k_or_default(k: Any) -> Any:
+    """``k`` as sent, or ``DEFAULT_K`` when it is missing, null or blank."""
+    return DEFAULT_K if k is None or isinstance(k, str) and not k.strip() else k
+
+
+def read_get(request: Any) -> tuple[str, Any, Any, str | None, str | None]:
+    """``(source, query, k, target, name)`` of a GET: ``?text=...&k=...&target=...``.
+
+    Raises:
+        RequestError: an unknown or repeated parameter.
+    """
+    params = request.query_params
+    check_fields([key for key, _ in params.multi_items()], ("text", "k", "target"), "parameter")
+    return "text", params.get("text"), k_or_default(params.get("k")), params.get("target"), None
 
 
 async def read_post(request: Any) -> tuple[str, Any, Any, str | None, str | None]:
     """``(source, query, k, target, name)`` of a POST: a JSON body or a multipart form.
 
     Raises:
-        RequestError: malformed JSON, a form without ``image`` or ``text``, an upload over
-            ``MAX_UPLOAD_BYTES`` (413).
+        RequestError: malformed JSON, an unknown or repeated field, a field of the wrong type,
+            text and an image together, an upload over ``MAX_UPLOAD_BYTES`` (413).
     """
     kind = request.headers.get("content-type", "")
     if int(request.headers.get("content-length") or 0) > MAX_UPLOAD_BYTES + 64 * 1024:
         raise RequestError(f"the request is larger than {MAX_UPLOAD_BYTES // 2**20} MB", status=413)
     if kind.startswith("application/json"):
-        try:
-            body = await request.json()
-        except ValueError:
-            raise RequestError("the body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise RequestError('the JSON body must be an object such as {"text": "red heart", "k": 5}')
-        return "text", body.get("text"), body.get("k", DEFAULT_K), body.get("target"), None
+        return read_json(await request.body())
     if not kind.startswith("multipart/form-data"):
         raise RequestError("send a JSON body or a multipart form (curl -F image=@photo.png)")
     form = await request.form()
-    k, target, upload = form.get("k", DEFAULT_K), form.get("target"), form.get("image")
-    if upload is None or isinstance(upload, str):
-        return "text", form.get("text"), k, target, None
+    check_fields([key for key, _ in form.multi_items()], FIELDS)
+    text, upload, k, target = (form.get(name) for name in FIELDS)
+    for name, value in (("text", text), ("k", k), ("target", target)):
+        if value is not None and not isinstance(value, str):
+            raise RequestError(f"{name} must be a plain form field, not a file")
+    if upload is None:
+        if text is None:
+            raise RequestError(SEND_ONE)
+        return "text", text, k_or_default(k), target, None
+    if isinstance(upload, str):
+        raise RequestError("the image field must be a file upload (curl -F image=@photo.png)")
+    if text is not None and not is_blank(text):
+        raise RequestError(NOT_BOTH)
     data = await upload.read(MAX_UPLOAD_BYTES + 1)
     if len(data) > MAX_UPLOAD_BYTES:
         raise RequestError(f"the image is larger than {MAX_UPLOAD_BYTES // 2**20} MB", status=413)
     name = Path(upload.filename or "image").name
     if not data:
         raise RequestError(f"image is empty (0 bytes): {name}")
-    return "image", data, k, target, name
+    return "image", data, k_or_default(k), target, name
+
+
+def read_json(body: bytes) -> tuple[str, Any, Any, str | None, str | None]:
+    """``(source, query, k, target, name)`` of a JSON body ``{"text", "k", "target"}``.
+
+    Raises:
+        RequestError: not JSON, not an object, an unknown or repeated key, an image (JSON cannot
+            carry one), a ``target`` that is not a string.
+    """
+    try:
+        body = json.loads(body, object_pairs_hook=_unique_keys)
+    except RequestError:
+        raise
+    except ValueError:
+        raise RequestError("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise RequestError('the JSON body must be an object such as {"text": "red heart", "k": 5}')
+    check_fields(list(body), FIELDS)
+    text, target = body.get("text"), body.get("target")
+    if body.get("image") is not None:
+        if isinstance(text, str) and not is_blank(text):
+            raise RequestError(NOT_BOTH)
+        raise RequestError("send an image as a multipart upload (curl -F image=@photo.png), not in JSON")
+    if target is not None and not isinstance(target, str):
+        raise RequestError(f"target must be a string, got {type(target).__name__}")
+    return "text", text, k_or_default(body.get("k")), target, None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict; a key given twice is refused (``json`` would keep the last)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise RequestError(f"{key[:40]} given twice")
+        out[key] = value
+    return out
