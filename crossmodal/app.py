@@ -56,6 +56,8 @@ CSS = """
   overflow-wrap: anywhere; }
 .cm-meta { color: var(--body-text-color-subdued); }
 .cm-caption { display: block; }
+/* table headers break between words only; a table wider than the screen scrolls sideways whole */
+.cm-table th .header { white-space: nowrap; word-break: normal; overflow-wrap: normal; }
 @media (max-width: 640px) {  /* every tab stays in sight: the tabs that do not fit wrap below */
   .tab-wrapper { flex-wrap: wrap; height: auto !important; }
   .tab-wrapper .overflow-menu { flex-basis: 100%; }
@@ -331,7 +333,7 @@ class TabView:
         self.status = gr.Markdown(elem_id=f"{name}_status", **hidden)
         label = "Matching captions" if self.tab.target == "text" else "Images"
         self.table = gr.Dataframe(headers=TABLE_HEADERS, label=label, interactive=False, wrap=True,
-                                  elem_id=f"{name}_table", **hidden)  # fmt: skip
+                                  elem_id=f"{name}_table", elem_classes=["cm-table"], **hidden)  # fmt: skip
         self.cards = gr.HTML(elem_id=f"{name}_results", **hidden)
         self.details = gr.Markdown(**hidden)
         self.json = gr.JSON(label="Result (JSON)", visible=False, **hidden)
@@ -368,7 +370,8 @@ class TabView:
         return "", [], "", "", None
 
     def wire(self) -> None:
-        """Search on the button and on Enter / upload; clear the results with the query."""
+        """Search on the button and on Enter / upload; clear the results when the query is cleared
+        (the keyword box emptied, the image removed)."""
         import gradio as gr
 
         triggers = [self.button.click]
@@ -377,16 +380,19 @@ class TabView:
         # file becomes a message instead of a Gradio preprocessing error
         gr.on(triggers, self.search, inputs=[self.query, self.slider], outputs=self.outputs(),
               api_name=self.tab.api_name, preprocess=False)  # fmt: skip
-        if self.tab.source == "image":  # a refused upload (too large) empties the query too
-            gr.on([self.query.clear, self.query.change], self.clear_if_empty, inputs=[self.query],
-                  outputs=self.outputs(), api_visibility="private", queue=False,
-                  preprocess=False)  # fmt: skip
+        # a refused upload (too large) empties the query image too
+        clearing = [self.query.change] if self.tab.source == "text" else [self.query.clear, self.query.change]
+        gr.on(clearing, self.clear_if_empty, inputs=[self.query], outputs=self.outputs(),
+              api_visibility="private", queue=False, preprocess=False, show_progress="hidden",
+              trigger_mode="always_last")  # fmt: skip
 
     def clear_if_empty(self, query: Any) -> tuple[Any, ...]:
-        """Empty results when the query image is gone; else leave them to the search."""
+        """Empty results when the query is gone (no image, a blank keyword box); else leave them
+        to the search."""
         import gradio as gr
 
-        return self.cleared() if not query else tuple(gr.skip() for _ in self.outputs())
+        gone = not query or (isinstance(query, str) and not query.strip())
+        return self.cleared() if gone else tuple(gr.skip() for _ in self.outputs())
 
 
 def build_app(engine: RetrievalEngine | LiveEngine, k: int = DEFAULT_K, slots: SearchSlots | None = None

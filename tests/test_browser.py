@@ -258,3 +258,71 @@ def test_items_added_to_the_run_show_up_without_a_restart(tiny_run_copy, browser
     finally:
         demo.close()
         engine.close()
+
+
+HEADER_LINES = """th => {
+  const span = th.querySelector('.header'), range = document.createRange();
+  range.selectNodeContents(span);
+  return new Set(Array.from(range.getClientRects(), r => Math.round(r.top))).size;
+}"""
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.parametrize("tab", ["image_to_captions", "text_to_texts"])
+def test_a_narrow_screen_keeps_table_headers_whole(app_url, browser, tab, tmp_path):
+    """Reported by a new user: at 390 px the captions table broke its headers mid-word ("ran / k",
+    "di / st / an / ce") and cut off the "item id" column. Each header is one line; the table
+    scrolls sideways as a whole, so that every column can be reached."""
+    from playwright.sync_api import expect
+
+    url, engine = app_url
+    page = open_page(browser, url, width=390)
+    title = {"image_to_captions": "Image -> Captions", "text_to_texts": "Text -> Texts"}[tab]
+    page.locator(".tab-wrapper [role=tablist] button, .tab-wrapper .overflow-dropdown button").filter(
+        has_text=title
+    ).click()
+    if tab == "text_to_texts":
+        search_text(page, tab, "a red square")
+    else:
+        image = next(h.image_path for h in engine.search_text("red", k=1).hits)
+        page.locator(f"#{tab}_query input[type=file]").set_input_files(image)
+    table = page.locator(f"#{tab}_table")
+    expect(table).to_contain_text("red")
+    headers = table.locator("th.header-cell")
+    expect(headers).to_have_count(5)
+    for i in range(5):
+        th = headers.nth(i)
+        assert th.evaluate(HEADER_LINES) == 1, f"header {th.inner_text()!r} breaks over lines"
+        assert th.evaluate("th => th.querySelector('.header').scrollWidth <= th.clientWidth"), th.inner_text()
+    last = headers.nth(4)
+    last.scroll_into_view_if_needed()
+    box = last.bounding_box()
+    assert box["x"] >= 0 and box["x"] + box["width"] <= 390, f"the 'item id' column is cut off: {box}"
+    screenshot(page, tmp_path / f"narrow_{tab}.png")
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.parametrize("tab", ["text_to_images", "text_to_texts"])
+def test_clearing_the_keyword_box_clears_the_results_as_removing_the_image_does(app_url, browser, tab):
+    """Reported by a new user: the image tabs emptied their results with the image, the text tabs
+    kept theirs when the keywords were deleted."""
+    from playwright.sync_api import expect
+
+    url, _ = app_url
+    page = open_page(browser, url)
+    if tab == "text_to_texts":
+        page.get_by_role("tab", name="Text -> Texts").click()
+    search_text(page, tab, "a red square")
+    status, cards = page.locator(f"#{tab}_status"), page.locator(f"#{tab}_results .cm-card")
+    expect(status).to_contain_text(" in ")
+    expect(cards.first).to_be_visible()
+    box = page.locator(f"#{tab}_query textarea")
+    box.fill("a red")  # editing keeps the results until the next search
+    expect(status).to_contain_text(" in ")
+    box.fill("")
+    expect(cards).to_have_count(0)
+    expect(status).to_have_text("")
+    if tab == "text_to_texts":  # the other tab's table sits in a closed accordion
+        expect(page.locator(f"#{tab}_table")).not_to_contain_text("red")
