@@ -10,12 +10,12 @@ The routes, served beside the Gradio app on the same server (``crossmodal serve`
     POST /api/search  -F image=@photo.png -F k=5    image -> captions (-F target=images: image -> images)
     POST /api/search  {"text": "red heart", "k": 5} the same as GET, as a JSON body
     GET  /api/about                                 what the run is
-    GET  /api/items/{item_id}/image                 an item's image file
+    GET  /api/items/{item_id}/image                 an item's image file (HEAD: its headers)
 
 A request sends text or an image, never both, with the fields ``text``, ``image`` (a multipart
 file upload), ``k`` (blank: the default) and ``target``, each once. Bad input gets HTTP 400 (413
-for an upload over the size limit) and ``{"error": "<one line>"}``; a search's answer carries
-``hits`` and ``notices`` too. At most ``CONCURRENCY`` searches run at once, shared with the app's
+for an upload over the size limit) and ``{"error": "<one line>"}`` (from ``/api/search`` with
+``"hits": []`` and ``"notices": []``). At most ``CONCURRENCY`` searches run at once, shared with the app's
 own (``SearchSlots``): the rest wait, so that concurrent uploads cannot decode without bound.
 FastAPI (installed with Gradio, the ``[app]`` extra) is imported only by ``api_routes``.
 """
