@@ -621,18 +621,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from crossmodal.runs.folder import RunError
     from crossmodal.store import StoreError
 
+    say = _say_for_this_rank(args.command)
     try:
         require(f"crossmodal {args.command}", *args.func.needs)
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, so that a closed pipe is met inside the try
+        return code
     except MissingExtraError as exc:
-        print(exc, file=sys.stderr)
+        say(str(exc))
         return 2
     except ModuleNotFoundError as exc:
         extra = EXTRA_OF_MODULE.get((exc.name or "").split(".")[0])
         if extra is None:
             raise
-        print(missing_extra_message(f"crossmodal {args.command}", [extra], _missing_because(args, exc)),
-              file=sys.stderr)  # fmt: skip
+        say(missing_extra_message(f"crossmodal {args.command}", [extra], _missing_because(args, exc)))
         return 2
     except (
         ConfigError,
@@ -643,11 +645,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         IndexFileError,
         StoreError,
     ) as exc:
-        print(f"crossmodal {args.command}: error: {exc}", file=sys.stderr)
+        say(f"crossmodal {args.command}: error: {exc}")
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        say("interrupted")
         return 130
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as ls does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
+    except Exception as exc:
+        if say is print_error:
+            raise
+        # a torchrun rank other than 0: its error is most often the echo of rank 0's (a closed
+        # connection); one line names it, rank 0 tells the whole story
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"crossmodal {args.command} (rank {os.environ.get('RANK')}): {type(exc).__name__}: {first}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+
+
+def print_error(message: str) -> None:
+    """One line on stderr."""
+    print(message, file=sys.stderr)
+
+
+def _say_for_this_rank(command: str):
+    """How this process reports an error: on stderr, except for the ranks other than 0 of a
+    torchrun job, whose errors are those of rank 0 (the same recipe and run) and which stay quiet
+    so that a user reads each message once."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and os.environ.get("RANK", "0") != "0":
+        return lambda message: log.debug("crossmodal %s: %s", command, message)
+    return print_error
 
 
 def _missing_because(args: argparse.Namespace, exc: ModuleNotFoundError) -> str:

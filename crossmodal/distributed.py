@@ -15,6 +15,7 @@ it) and ``wrap`` (the DistributedDataParallel wrapper).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Iterator
@@ -165,7 +166,11 @@ def wrap(module: nn.Module, dist: Dist) -> nn.Module:
     to rank 0, which validates and saves the model."""
     if not dist.enabled:
         return module
-    return nn.parallel.DistributedDataParallel(module, find_unused_parameters=True, broadcast_buffers=False)
+    ddp = nn.parallel.DistributedDataParallel
+    # torch 2.14 renamed broadcast_buffers (deprecated, with a warning) to forward_sync_buffers
+    name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
+        else "broadcast_buffers"
+    return ddp(module, find_unused_parameters=True, **{name: False})
 
 
 def _device() -> torch.device:

@@ -58,3 +58,42 @@ def test_an_add_prints_one_summary_and_nothing_of_splits_or_datasets(tiny_run_co
         f"added 0 items and 0 texts from {folder} to {tiny_run_copy}; it now holds 116 items and 116 texts",
         f"20 items of {folder} are in the run already (added before): skipped (--sync re-encodes those "
         "whose files changed)"]  # fmt: skip
+
+
+def test_a_torchrun_rank_other_than_0_leaves_the_error_to_rank_0(monkeypatch, capsys, tmp_path):
+    # reported: under torchrun every rank printed the same error (and rank 1 a gloo traceback)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_an_unexpected_error_on_another_rank_is_one_line(monkeypatch, capsys):
+    import crossmodal.cli as cli
+
+    def broken(args):
+        raise RuntimeError("[pair.cc:545] Read error: Connection reset by peer\nmore detail")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    parser = cli.build_parser()
+    args = parser.parse_args(["data-info", "tiny_colours"])
+    monkeypatch.setattr(cli, "build_parser", lambda: _Fixed(parser, args, broken))
+    assert main(["data-info", "tiny_colours"]) == 1
+    assert capsys.readouterr().err == (
+        "crossmodal data-info (rank 1): RuntimeError: [pair.cc:545] Read error: Connection reset by peer\n")
+
+
+class _Fixed:
+    """A parser whose parse_args hands back ``args`` with ``func`` replaced."""
+
+    def __init__(self, parser, args, func):
+        self.parser, self.args = parser, args
+        func.needs = ()
+        args.func = func
+
+    def parse_args(self, argv):
+        return self.args

@@ -114,3 +114,60 @@ def test_output_options_exclude_each_other(long_run, capsys):
 ])  # fmt: skip
 def test_clip_counts_terminal_columns(text, width, expected):
     assert clip(text, width) == expected and display_width(clip(text, width)) <= width
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(long_run):
+    # reported: crossmodal search ... --paths | head -1 ended in a BrokenPipeError traceback
+    import subprocess
+    import sys
+
+    run, _ = long_run
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import tinyrun; "
+            "from crossmodal.cli import main; sys.exit(main(sys.argv[1:]))")  # fmt: skip
+    for option in ("--paths", "--json", "--wide"):
+        proc = subprocess.Popen([sys.executable, "-c", code, "search", "--run", str(run), "--text", "red",
+                                 "--text", "blue", "-k", "100", option],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        proc.stdout.readline()
+        proc.stdout.close()  # as head -1 does
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) in (0, 141) and "Traceback" not in err and "Broken pipe" not in err, err
+
+
+def test_names_with_control_characters_stay_on_one_line(tmp_path, capsys, long_run):
+    import shutil
+
+    from crossmodal.jobs.index import add_to_run
+
+    run = tmp_path / "run"
+    shutil.copytree(long_run[0], run)
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    shutil.copy(long_run[1] / f"{LONG}0001.png", folder / "we ird\nname.png")
+    row = {"file_name": "we ird\nname.png", "text": "red"}
+    (folder / "metadata.jsonl").write_text(json.dumps(row) + "\n")
+    add_to_run(run, str(folder), progress=False)
+    out, _ = search(capsys, run, "--text", "red", "-k", "200", "--paths")
+    assert str(folder / "we ird\\nname.png") in out.splitlines()  # escaped, as ls -b shows it
+    out, _ = search(capsys, run, "--text", "red", "-k", "200", "--wide")
+    assert "we ird\\nname.png" in out and "we ird\nname" not in out
+    (result,) = json_hits(capsys, run, "--text", "red", "-k", "200")
+    assert str(folder / "we ird\nname.png") in [h["image_path"] for h in result["hits"]]  # JSON: exact
+
+
+def test_a_file_gone_since_it_was_added_has_no_path(tmp_path, capsys, long_run):
+    import shutil
+
+    run, folder = long_run
+    gone = folder / f"{LONG}0001.png"
+    backup = tmp_path / "backup.png"
+    shutil.copy(gone, backup)
+    gone.unlink()  # deleted since the add, and no --sync yet
+    try:
+        (result,) = json_hits(capsys, run, "--text", "red", "-k", "200")
+        by_id = {h["id"]: h["image_path"] for h in result["hits"]}
+        assert by_id[gone.name] is None and by_id[f"{LONG}0002.png"] == str(folder / f"{LONG}0002.png")
+        out, err = search(capsys, run, "--text", "red", "-k", "200", "--paths")
+        assert str(gone) not in out.splitlines() and gone.name in err
+    finally:
+        shutil.copy(backup, gone)

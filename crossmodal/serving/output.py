@@ -11,6 +11,7 @@ a combining mark none.
 
 from __future__ import annotations
 
+import os
 import unicodedata
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,20 @@ def pad(text: str, width: int) -> str:
     return text + " " * max(0, width - display_width(text))
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters as backslash escapes (``\\n``, ``\\t``, ``\\x1b``), as
+    ``ls -b`` shows names: one hit stays one line, and no escape sequence reaches the terminal."""
+    if not any(unicodedata.category(ch) == "Cc" for ch in text):
+        return text
+    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) == "Cc"
+                   else ch for ch in text)  # fmt: skip
+
+
+def image_file(hit: Hit) -> str | None:
+    """The hit's image file, or None when its item has none or the file is gone since it was added."""
+    return hit.image_path if hit.image_path and os.path.isfile(hit.image_path) else None
+
+
 def _distance(hit: Hit) -> int | float:
     return int(hit.distance) if float(hit.distance).is_integer() else round(float(hit.distance), 4)
 
@@ -69,16 +84,16 @@ def table(result: SearchResult, width: int = 100, wide: bool = False) -> str:
     """
     text_hits = result.direction.endswith("t")
     stages = ", ".join(f"{k} {v:.1f}" for k, v in result.timings_ms.items())
-    id_width = max([2, *(display_width(h.key) for h in result.hits)])
+    id_width = max([2, *(display_width(printable(h.key)) for h in result.hits)])
     caption_width = max(MIN_CAPTION_WIDTH, width - (4 + 2 + 4 + 2 + id_width + 2))
     head = "caption" if text_hits else "captions"
     lines = [f"{result.direction}  query: {result.query!r}  code: {result.code_hex}  "
              f"({result.total_ms:.1f} ms: {stages})",
              f"{'rank':>4}  {'dist':>4}  {pad('id', id_width)}  {head}"]  # fmt: skip
     for h in result.hits:
-        caption = _caption(h, text_hits)
+        caption = printable(_caption(h, text_hits))
         caption = caption if wide else clip(caption, caption_width)
-        lines.append(f"{h.rank:>4}  {h.distance:>4g}  {pad(h.key, id_width)}  {caption}".rstrip())
+        lines.append(f"{h.rank:>4}  {h.distance:>4g}  {pad(printable(h.key), id_width)}  {caption}".rstrip())
     if not result.hits:
         lines.append("(no results)")
     return "\n".join(lines)
@@ -91,24 +106,26 @@ def as_json(result: SearchResult, k: int, ignored: list[str] = ()) -> dict[str, 
     ``ms``, ``ignored`` (query words the model does not know) and ``hits``, each with ``rank``,
     ``id`` (the item's key), ``item_id``, ``distance``, ``caption`` (a text hit's caption, an
     image hit's first caption), ``captions`` (all of the item's), ``labels`` and
-    ``image_path`` (absolute, or null when the item has no image file).
+    ``image_path`` (absolute, or null when the item has no image file or it is gone).
     """
     text_hits = result.direction.endswith("t")
     hits = [{"rank": h.rank, "id": h.key, "item_id": h.item_id, "distance": _distance(h),
              "caption": h.caption if text_hits else (h.captions[0] if h.captions else ""),
              "captions": list(h.captions), "labels": list(h.labels),
-             "image_path": h.image_path or None} for h in result.hits]  # fmt: skip
+             "image_path": image_file(h)} for h in result.hits]  # fmt: skip
     return {"query": result.query, "direction": result.direction, "k": int(k), "code": result.code_hex,
             "ms": round(result.total_ms, 2), "ignored": list(ignored), "hits": hits}  # fmt: skip
 
 
 def paths(result: SearchResult) -> tuple[list[str], list[str]]:
-    """One line per hit for scripts: the image path of image hits, the item key of text hits.
+    """One line per hit for scripts: the image path of image hits, the item key of text hits,
+    control characters escaped (``printable``; ``--json`` gives names exactly).
 
     Returns:
-        The lines, and the keys of image hits left out because their item has no image file.
+        The lines, and the keys of image hits left out because their item has no image file
+        (or it is gone).
     """
     if result.direction.endswith("t"):
-        return [h.key for h in result.hits], []
-    without = [h.key for h in result.hits if not h.image_path]
-    return [h.image_path for h in result.hits if h.image_path], without
+        return [printable(h.key) for h in result.hits], []
+    files = [(h, image_file(h)) for h in result.hits]
+    return [printable(f) for _, f in files if f], [printable(h.key) for h, f in files if not f]
