@@ -235,8 +235,15 @@ def _index_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", metavar="DIR",
                    help="with --ray: where the code shards go, on storage every worker can write "
                         "(default: inside the run)")
-    p.add_argument("--ray-workers", type=int, metavar="N",
+    p.add_argument("--ray-workers", type=_positive_int, metavar="N",
                    help="with --ray: encoding actors (default: the cluster's CPUs less one)")  # fmt: skip
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def _ray_options(args: argparse.Namespace):
@@ -296,6 +303,8 @@ def _index_change(args: argparse.Namespace) -> int:
         print(add_summary(args.run, info))
         return 0
     if args.remove_file:
+        if not Path(args.remove_file).is_file():
+            raise ValueError(f"--remove-file {args.remove_file}: no such file (one key a line)")
         keys = [k for k in Path(args.remove_file).read_text(encoding="utf-8").splitlines() if k.strip()]
         command = f"{line} --remove-file {shlex.quote(args.remove_file)}"
         if not keys:

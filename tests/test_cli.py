@@ -97,3 +97,20 @@ class _Fixed:
 
     def parse_args(self, argv):
         return self.args
+
+
+def test_index_options_that_cannot_work_are_refused_in_one_line(tiny_run_copy, tmp_path, capsys):
+    run = str(tiny_run_copy)
+    with pytest.raises(SystemExit):
+        main(["index", "--run", run, "--ray", "--ray-workers", "0"])
+    assert "--ray-workers: must be a whole number of at least 1, got '0'" in capsys.readouterr().err
+    assert main(["index", "--run", run, "--remove-file", str(tmp_path / "nope.txt")]) == 2
+    nope = tmp_path / "nope.txt"
+    expected = f"crossmodal index: error: --remove-file {nope}: no such file (one key a line)\n"
+    assert capsys.readouterr().err == expected
+    assert main(["index", "--run", run, "--add", str(tmp_path / "photoz")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot add '{tmp_path / 'photoz'}': no such folder, and no dataset has that name" in err
+    (tmp_path / "one.png").write_bytes(b"x")
+    assert main(["index", "--run", run, "--add", str(tmp_path / "one.png")]) == 2
+    assert "a file, not a folder" in capsys.readouterr().err

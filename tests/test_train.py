@@ -67,6 +67,17 @@ def test_training_is_deterministic_and_resumes(workdir):
     np.testing.assert_allclose([r["val_map"] for r in lc], [r["val_map"] for r in la], atol=1e-6)
 
 
+def test_resume_without_a_checkpoint_says_it_starts_at_epoch_1(workdir, caplog):
+    # reported: --resume of a run stopped before its first checkpoint quietly trained from scratch
+    from crossmodal.jobs.train import train_run
+
+    run = train_run(tiny_config(workdir, "name=resume_none", "train.epochs=2"), progress=False)
+    assert not (run / "checkpoint").exists()  # removed when training ends
+    with caplog.at_level("WARNING", logger="crossmodal.jobs.train"):
+        train_run(tiny_config(workdir, "name=resume_none", "train.epochs=2"), resume=True, progress=False)
+    assert f"--resume: {run} has no checkpoint" in caplog.text and "starts at epoch 1" in caplog.text
+
+
 @pytest.mark.parametrize(
     "override, error, needle",
     [

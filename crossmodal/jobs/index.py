@@ -37,7 +37,14 @@ import torch
 from PIL import Image
 
 from crossmodal.codes import pack_codes
-from crossmodal.data import RELEVANCE_IMAGE, CrossModalDataset, DatasetInfo, make_record, open_dataset
+from crossmodal.data import (
+    RELEVANCE_IMAGE,
+    CrossModalDataset,
+    DatasetInfo,
+    list_datasets,
+    make_record,
+    open_dataset,
+)
 from crossmodal.data.records import make_features
 from crossmodal.features import join_captions
 from crossmodal.images import ImageDecodeError, open_image
@@ -443,6 +450,10 @@ def _add(run_dir: Path, source: str, options: dict[str, Any], progress: bool,
     if Path(source).is_dir():
         origin = str(Path(source).resolve())
         name, options = "imagefolder", {**options, "root": origin}
+    if name == source and name not in list_datasets():
+        what = "a file, not a folder" if Path(source).exists() else "no such folder"
+        raise ValueError(f"cannot add {source!r}: {what}, and no dataset has that name "
+                         f"(datasets: {', '.join(list_datasets())})")  # fmt: skip
     dataset = open_dataset(name, options)
     with MetadataStore.open(run_dir / "store.sqlite") as store:
         first_item, first_text = store.max_item_id() + 1, store.max_text_id() + 1

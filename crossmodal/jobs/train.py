@@ -134,8 +134,12 @@ def _train_run(cfg: Config, resume: bool, progress: bool, dist: distributed.Dist
     timings["features"] = round(time.perf_counter() - t0, 3)
     checkpoints = Checkpoints(run_dir, cfg, model, loss, frozen)
     t0 = time.perf_counter()
+    saved = checkpoints.load(options.device) if resume else None
+    if resume and saved is None and dist.is_main:
+        log.warning("--resume: %s has no checkpoint (one is written every %d epochs), so training "
+                    "starts at epoch 1", run_dir, cfg.train.checkpoint_every)  # fmt: skip
     try:
-        state = fit(model, loss, data, options, resume=checkpoints.load(options.device) if resume else None,
+        state = fit(model, loss, data, options, resume=saved,
                     on_epoch=checkpoints.on_epoch if dist.is_main else None, frozen=frozen,
                     progress=progress, reseed=False, dist=dist)  # fmt: skip
     except ResumeError as exc:
