@@ -333,6 +333,8 @@ def sync_summary(run: str, info: dict) -> str:
     """What ``index --sync`` did, in one line."""
     counts = (f"{info['added']} added, {info['reencoded']} re-encoded, {info['removed']} removed, "
               f"{info['unchanged']} unchanged")  # fmt: skip
+    if info.get("left_out"):
+        counts += f", {info['left_out']} left out (removed with --remove; --add brings them back)"
     if not info["changed"]:
         return f"{run} is in step with {info['source']} ({counts}): nothing to do"
     return (f"synced {info['source']} into {run}: {counts}; it now holds {info['items']} items and "

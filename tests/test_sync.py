@@ -210,3 +210,24 @@ def test_store_stamps_go_with_their_items(tmp_path):
         store.remove_items([1])
         assert store.get_stamps([2, 1, 0]) == {0: {"size": 10, "mtime_ns": 7, "record": "r"},
                                                2: {"size": 12, "mtime_ns": 7, "record": "r"}}  # fmt: skip
+
+
+def test_items_removed_with_remove_stay_out_of_a_sync_until_added_again(tiny_run_copy, tmp_path, capsys):
+    # reported: --sync put back the items a user had removed with --remove
+    folder = image_folder(tmp_path / "photos", 6)
+    add_to_run(tiny_run_copy, str(folder), progress=False)
+    gone = sorted(held(tiny_run_copy, folder))[:2]
+    assert main(["index", "--run", str(tiny_run_copy), "--remove", *gone]) == 0
+    capsys.readouterr()
+    assert main(["index", "--run", str(tiny_run_copy), "--sync", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "0 added, 0 re-encoded, 0 removed, 4 unchanged, 2 left out (removed with --remove" in out
+    assert "nothing to do" in out and not set(gone) & set(held(tiny_run_copy, folder))
+    # the record is per folder: a plain re-index keeps them out too, an --add brings them back
+    index_run(tiny_run_copy, progress=False)
+    assert not set(gone) & set(held(tiny_run_copy, folder))
+    assert sync_run(tiny_run_copy, str(folder), progress=False)["left_out"] == 2
+    assert add_to_run(tiny_run_copy, str(folder), progress=False)["added_items"] == 2
+    assert set(gone) <= set(held(tiny_run_copy, folder))
+    assert "removed_added" not in read_manifest(tiny_run_copy)["index"]
+    assert sync_run(tiny_run_copy, str(folder), progress=False)["changed"] is False

@@ -254,7 +254,7 @@ def _write_index(
         info = {"kind": kind, "params": image_index.params, "items": int(image_index.ntotal),
                 "texts": int(text_index.ntotal), "seconds": round(seconds, 2),
                 "text_units": "caption" if per_caption else "item"}  # fmt: skip
-        kept = ("removed", "removed_keys") if added.lost else ("added", "removed", "removed_keys")
+        kept = ("removed", "removed_keys", *(() if added.lost else ("added", "removed_added")))
         info.update({key: previous[key] for key in kept if previous.get(key)})
         update.commit(index=info)
     log.info("indexed %d images and %d texts in %.1f s", info["items"], info["texts"], seconds)
@@ -484,6 +484,10 @@ def _add(run_dir: Path, source: str, options: dict[str, Any], progress: bool,
         entry["options"] = {k: v for k, v in options.items() if k != "root"}
     info = {**manifest["index"], "items": int(indexes["image"].ntotal), "texts": int(indexes["text"].ntotal)}
     info["added"] = [*info.get("added", []), entry]
+    if info.get("removed_added"):  # added again on purpose: a --sync keeps them from now on
+        info["removed_added"] = removed_added_keys(info, items, keep=False)
+        if not info["removed_added"]:
+            del info["removed_added"]
 
     def add(store: MetadataStore) -> None:
         store.add_items(items)
@@ -600,6 +604,17 @@ def replace_indexes_and_store(
         update.commit(index=info)
 
 
+def removed_added_keys(info: dict[str, Any], items: list[dict[str, Any]], keep: bool) -> dict[str, list[str]]:
+    """The manifest's ``index.removed_added`` (``{source: [keys]}``: items of added folders removed
+    with ``--remove``, which ``--sync`` leaves out) with ``items`` (store rows) recorded
+    (``keep``) or forgotten (added again)."""
+    record = {src: set(keys) for src, keys in (info.get("removed_added") or {}).items()}
+    for it in items:
+        keys = record.setdefault(str(it["source"]), set())
+        (keys.add if keep else keys.discard)(str(it["key"]))
+    return {src: sorted(keys) for src, keys in sorted(record.items()) if keys}
+
+
 def remove_from_run(
     run_dir: str | os.PathLike[str], keys: list[str], command: str | None = None
 ) -> dict[str, Any]:
@@ -655,9 +670,13 @@ def _remove(run_dir: Path, keys: list[str]) -> dict[str, Any]:
     indexes["image"].remove(item_ids, missing_ok=True)
     indexes["text"].remove(text_ids, missing_ok=True)
     info = {**manifest["index"], "items": int(indexes["image"].ntotal), "texts": int(indexes["text"].ntotal)}
-    own = {it["key"] for it in items if it["source"] == (manifest.get("dataset") or {}).get("name")}
+    dataset_name = (manifest.get("dataset") or {}).get("name")
+    own = {it["key"] for it in items if it["source"] == dataset_name}
     if own:  # a re-index would bring these back from the dataset
         info["removed_keys"] = sorted({*info.get("removed_keys", []), *own})
+    added = [it for it in items if it["source"] != dataset_name]
+    if added:  # and a --sync of their folder would (an --add of it brings them back on purpose)
+        info["removed_added"] = removed_added_keys(info, added, keep=True)
     entry = {"keys": len(keys), "items": len(item_ids), "texts": len(text_ids)}
     info["removed"] = [*info.get("removed", []), entry]
     replace_indexes_and_store(run_dir, indexes, lambda store: store.remove_items(item_ids), info)

@@ -40,13 +40,14 @@ log = logging.getLogger(__name__)
 class SyncPlan:
     """What a sync does: dataset positions of ``new`` and ``changed`` files (with the item ids
     the changed ones keep), the store rows of items whose file is ``gone``, and how many are
-    ``unchanged``."""
+    ``unchanged`` or ``left_out`` (removed with ``--remove``, their files still there)."""
 
     new: list[int] = field(default_factory=list)
     changed: list[int] = field(default_factory=list)
     changed_ids: list[int] = field(default_factory=list)
     gone: list[dict[str, Any]] = field(default_factory=list)
     unchanged: int = 0
+    left_out: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.new or self.changed or self.gone)
@@ -89,13 +90,15 @@ def _sync(run_dir: Path, origin: str, options: dict[str, Any], progress: bool) -
     dataset = open_dataset("imagefolder", {**options, "root": origin})
     with MetadataStore.open(run_dir / "store.sqlite") as store:
         held = store.items_of_source(origin)
-        plan = plan_sync(dataset, held, store.get_stamps([it["item_id"] for it in held]))
+        plan = plan_sync(dataset, held, store.get_stamps([it["item_id"] for it in held]),
+                         removed=set((manifest["index"].get("removed_added") or {}).get(origin, [])))
         old_ids = [*plan.changed_ids, *(it["item_id"] for it in plan.gone)]
         old_texts = [t["text_id"] for group in store.texts_of_items(old_ids) for t in group]
         first_item, first_text = store.max_item_id() + 1, store.max_text_id() + 1
         run_labels = [str(n) for n in store.get_meta("label_names", []) or []]
     result = {"source": origin, "added": len(plan.new), "reencoded": len(plan.changed),
-              "removed": len(plan.gone), "unchanged": plan.unchanged, "changed": bool(plan)}  # fmt: skip
+              "removed": len(plan.gone), "unchanged": plan.unchanged, "changed": bool(plan),
+              "left_out": plan.left_out}  # fmt: skip
     if not plan:
         totals = {"items": manifest["index"]["items"], "texts": manifest["index"]["texts"]}
         return {**result, **totals, "seconds": round(time.perf_counter() - started, 2)}
@@ -138,12 +141,14 @@ def last_options(manifest: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def plan_sync(
-    dataset: CrossModalDataset, held: list[dict[str, Any]], stamps: dict[int, dict[str, Any]]
-) -> SyncPlan:
+    dataset: CrossModalDataset, held: list[dict[str, Any]], stamps: dict[int, dict[str, Any]],
+    removed: set[str] = frozenset(),
+) -> SyncPlan:  # fmt: skip
     """Compare a folder's dataset with the store rows ``held`` from it and their ``stamps``.
 
     An item held without a stamp (added before stamps were recorded) counts as changed. A
-    changed file that no longer decodes counts as gone (a warning names it).
+    changed file that no longer decodes counts as gone (a warning names it). Files whose keys
+    are in ``removed`` (removed from the run with ``--remove``) stay out: ``left_out``.
     """
     by_key = {it["key"]: it for it in held}
     positions = np.arange(len(dataset), dtype=np.int64)
@@ -151,7 +156,9 @@ def plan_sync(
     plan = SyncPlan()
     for pos, key in enumerate(dataset.ids):
         item = by_key.pop(key, None)
-        if item is None:
+        if item is None and key in removed:
+            plan.left_out += 1
+        elif item is None:
             plan.new.append(pos)
         elif _same(stamps.get(item["item_id"]), now.get(pos)):
             plan.unchanged += 1
