@@ -424,6 +424,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     from crossmodal.images import ImageDecodeError
     from crossmodal.serving import RetrievalEngine
+    from crossmodal.serving.http import query_truncation
     from crossmodal.serving.output import as_json, paths, table
     from crossmodal.text import QueryError
 
@@ -442,6 +443,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         if ignored:
             print(f"crossmodal search: ignored, not in the model's vocabulary: {', '.join(ignored)}",
                   file=sys.stderr)  # fmt: skip
+        cut = query_truncation(engine, query) if args.text is not None else None
+        if cut:
+            print(f"crossmodal search: the query is longer than the text model reads: only its first "
+                  f"{cut[1]} of {cut[0]:,} {cut[2]} were used", file=sys.stderr)  # fmt: skip
         if args.json:
             print(json.dumps(as_json(result, args.k, ignored), ensure_ascii=False))
         elif args.paths:

@@ -354,11 +354,18 @@ def train_short_text_run(workdir: Path, name: str) -> Path:
     return run
 
 
-def test_a_query_cut_to_what_the_model_reads_says_so(workdir):
+def test_a_query_cut_to_what_the_model_reads_says_so(workdir, capsys):
+    from crossmodal.cli import main
     from crossmodal.serving import RetrievalEngine
     from crossmodal.serving.http import answer, answer_json
 
-    engine = RetrievalEngine.load(train_short_text_run(workdir, "tiny_app_textcnn"))
+    run = train_short_text_run(workdir, "tiny_app_textcnn")
+    assert main(["search", "--run", str(run), "--text", "red square " * 10, "-k", "2", "--paths"]) == 0
+    out = capsys.readouterr()  # the command line says it too, on stderr
+    assert len(out.out.splitlines()) == 2 and out.err == (
+        "crossmodal search: the query is longer than the text model reads: only its first 8 of 20 words "
+        "were used\n")  # fmt: skip
+    engine = RetrievalEngine.load(run)
     try:
         ans = answer(engine, "t2i", "red square " * 10, 3)
         assert ans.notices == ["The query is longer than the text model reads: only its first 8 of 20 words "
