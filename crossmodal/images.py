@@ -57,6 +57,24 @@ def open_image(
     return img
 
 
+def check_header(source: str | os.PathLike[str] | bytes, max_pixels: int = MAX_PIXELS) -> None:
+    """Read the header of ``source`` and verify its structure (``Image.verify``), decoding no
+    pixel; the dataset builders' quick check. Sizes are checked from the header, in the same
+    words as ``open_image``.
+
+    Raises:
+        ImageDecodeError: an empty, unreadable, unknown, oversized or structurally broken image.
+    """
+    img, name = _open(source, max_pixels)
+    try:
+        img.verify()
+    except Exception as exc:  # Pillow's plugins raise many types for a broken structure
+        why = f"{type(exc).__name__}: {exc}"
+        raise ImageDecodeError(f"image is truncated or corrupt: {name}: {why}") from None
+    finally:
+        img.close()
+
+
 def check_decodes(source: str | os.PathLike[str] | bytes, max_pixels: int = MAX_PIXELS) -> None:
     """Decode every pixel of ``source`` once, without converting it; the dataset builders' check.
 

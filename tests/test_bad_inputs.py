@@ -230,11 +230,23 @@ def test_an_image_over_the_limit_is_refused_from_its_header_in_our_words(case, t
     server printed DecompressionBombWarning for every 11,000 px upload)."""
     import warnings
 
-    from crossmodal.images import check_decodes
+    from crossmodal.data.captions import check_image
+    from crossmodal.images import check_decodes, check_header
+    from crossmodal.jobs.index import thumbnail_bytes
+
+    def dataset_check(mode):
+        def read(p):
+            why = check_image(p, mode)
+            if why:
+                raise ImageDecodeError(why)
+        return read
 
     path = write_case(tmp_path, case)
     warnings.simplefilter("always")
-    for read in (open_image, check_decodes, lambda p: open_image(p.read_bytes())):
+    readers = (open_image, check_decodes, check_header, lambda p: open_image(p.read_bytes()),
+               lambda p: thumbnail_bytes(p.read_bytes()),
+               *(dataset_check(mode) for mode in ("header", "decode", "full")))
+    for read in readers:
         with pytest.raises(ImageDecodeError) as err:
             read(path)
         assert str(err.value).startswith("image too large: ") and "limit 64,000,000" in str(err.value)

@@ -47,7 +47,7 @@ from crossmodal.data import (
 )
 from crossmodal.data.records import make_features
 from crossmodal.features import join_captions
-from crossmodal.images import ImageDecodeError, open_image
+from crossmodal.images import ImageDecodeError, open_image, read_header
 from crossmodal.index import BinaryIndex, create_index
 from crossmodal.io import atomic_path
 from crossmodal.jobs.ray_encode import RayOptions, add_on_ray, index_on_ray
@@ -120,8 +120,8 @@ def thumbnail_bytes(data: bytes) -> bytes:
         ImageDecodeError: ``data`` is not a readable image.
     """
     try:  # an opaque PNG small enough is kept as it is (OpenMoji's renders): one decode, no encode
-        img = Image.open(io.BytesIO(data))
-        if img.format == "PNG" and max(img.size) <= THUMB_SIDE:
+        img = read_header(data)  # no Pillow size check or warning: open_image says it in our words
+        if img is not None and img.format == "PNG" and max(img.size) <= THUMB_SIDE:
             img.load()  # decodes fully: a corrupt image falls through to open_image, which says why
             alpha = img.getchannel("A").getextrema() if img.mode == "RGBA" else None
             if img.mode in ("RGB", "L") or alpha == (255, 255):
