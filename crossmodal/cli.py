@@ -326,7 +326,19 @@ def add_summary(run: str, info: dict) -> str:
     if info["unknown_labels"]:
         named = ", ".join(f"{k} ({v})" for k, v in info["unknown_labels"].items())
         lines.append(f"labels not in the run's label set, not stored (items): {named}")
-    return "\n".join(lines)
+    return "\n".join([*lines, *skipped_lines(info)])
+
+
+def skipped_lines(info: dict) -> list[str]:
+    """One line for what the source's build left out (undecodable, missing ... files), if anything."""
+    skipped = info.get("skipped") or {}
+    if not skipped:
+        return []
+    parts = []
+    for kind, v in skipped.items():
+        more = " ..." if v["n"] > len(v["first"]) else ""
+        parts.append(f"{v['n']} {kind.replace('_', ' ')} ({'; '.join(v['first'])}{more})")
+    return [f"skipped from {info['source']}: {', '.join(parts)}"]
 
 
 def sync_summary(run: str, info: dict) -> str:
@@ -336,9 +348,11 @@ def sync_summary(run: str, info: dict) -> str:
     if info.get("left_out"):
         counts += f", {info['left_out']} left out (removed with --remove; --add brings them back)"
     if not info["changed"]:
-        return f"{run} is in step with {info['source']} ({counts}): nothing to do"
-    return (f"synced {info['source']} into {run}: {counts}; it now holds {info['items']} items and "
-            f"{info['texts']} texts ({info['seconds']:.1f} s)")
+        line = f"{run} is in step with {info['source']} ({counts}): nothing to do"
+    else:
+        line = (f"synced {info['source']} into {run}: {counts}; it now holds {info['items']} items and "
+                f"{info['texts']} texts ({info['seconds']:.1f} s)")  # fmt: skip
+    return "\n".join([line, *skipped_lines(info)])
 
 
 @command("index", "encode a run's database into FAISS binary indexes and a metadata store", needs=("train",))

@@ -231,3 +231,16 @@ def test_items_removed_with_remove_stay_out_of_a_sync_until_added_again(tiny_run
     assert set(gone) <= set(held(tiny_run_copy, folder))
     assert "removed_added" not in read_manifest(tiny_run_copy)["index"]
     assert sync_run(tiny_run_copy, str(folder), progress=False)["changed"] is False
+
+
+def test_every_add_and_sync_of_a_folder_says_what_it_skipped(tiny_run_copy, tmp_path, capsys):
+    # reported: a file that does not decode was named only by the add that first built the folder
+    folder = image_folder(tmp_path / "photos", 3)
+    (folder / "bad.png").write_text("junk")
+    with (folder / "metadata.jsonl").open("a") as fh:
+        fh.write(json.dumps({"file_name": "bad.png", "text": "red"}) + "\n")
+    skipped = f"skipped from {folder.resolve()}: 1 undecodable images (bad.png: not a readable image"
+    for argv in (["--add", str(folder)], ["--add", str(folder)], ["--sync", str(folder)]):
+        assert main(["index", "--run", str(tiny_run_copy), *argv]) == 0
+        assert skipped in capsys.readouterr().out
+    assert "bad.png" not in held(tiny_run_copy, folder)

@@ -460,7 +460,8 @@ def _add(run_dir: Path, source: str, options: dict[str, Any], progress: bool,
         present = store.find_keys(dataset.ids, source=origin)
         run_labels = [str(n) for n in store.get_meta("label_names", []) or []]
     positions = np.array([i for i, key in enumerate(dataset.ids) if key not in present], dtype=np.int64)
-    result = {"source": origin, "already_present": len(dataset) - len(positions), "unknown_labels": {}}
+    result = {"source": origin, "already_present": len(dataset) - len(positions), "unknown_labels": {},
+              "skipped": skipped_files(dataset)}  # fmt: skip
     if result["already_present"]:
         log.info("%s: %d of the %d items of %s are in the run already (added before): skipped",
                  run_dir, result["already_present"], len(dataset), origin)  # fmt: skip
@@ -602,6 +603,16 @@ def replace_indexes_and_store(
         with MetadataStore.open(update.path("store.sqlite"), readonly=False) as store:
             edit(store)
         update.commit(index=info)
+
+
+def skipped_files(dataset: CrossModalDataset) -> dict[str, dict[str, Any]]:
+    """What the dataset's build left out, by kind (``undecodable_images``, ``missing_images``,
+    ...): ``{kind: {"n": count, "first": [the first messages]}}``, from its stats, which a cached
+    build keeps, so that every add of a folder can say so, not only the one that built it."""
+    stats = dataset.info.stats or {}
+    kinds = [k[2:] for k in stats if k.startswith("n_") and isinstance(stats.get(k[2:]), list)
+             and k not in ("n_without_captions", "n_failed_images") and stats[k]]  # fmt: skip
+    return {kind: {"n": int(stats[f"n_{kind}"]), "first": list(stats[kind])[:3]} for kind in kinds}
 
 
 def removed_added_keys(info: dict[str, Any], items: list[dict[str, Any]], keep: bool) -> dict[str, list[str]]:

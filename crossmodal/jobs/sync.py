@@ -27,7 +27,13 @@ import numpy as np
 from crossmodal.data import CrossModalDataset, open_dataset
 from crossmodal.data.captions import check_image
 from crossmodal.index import BinaryIndex
-from crossmodal.jobs.index import encode_new_items, item_stamps, per_caption, replace_indexes_and_store
+from crossmodal.jobs.index import (
+    encode_new_items,
+    item_stamps,
+    per_caption,
+    replace_indexes_and_store,
+    skipped_files,
+)
 from crossmodal.runs.folder import check_run, lock_run, recover_run
 from crossmodal.runs.model import load_model
 from crossmodal.runs.state import INDEX_PARTS
@@ -98,7 +104,7 @@ def _sync(run_dir: Path, origin: str, options: dict[str, Any], progress: bool) -
         run_labels = [str(n) for n in store.get_meta("label_names", []) or []]
     result = {"source": origin, "added": len(plan.new), "reencoded": len(plan.changed),
               "removed": len(plan.gone), "unchanged": plan.unchanged, "changed": bool(plan),
-              "left_out": plan.left_out}  # fmt: skip
+              "left_out": plan.left_out, "skipped": skipped_files(dataset)}  # fmt: skip
     if not plan:
         totals = {"items": manifest["index"]["items"], "texts": manifest["index"]["texts"]}
         return {**result, **totals, "seconds": round(time.perf_counter() - started, 2)}
