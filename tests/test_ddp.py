@@ -1,4 +1,4 @@
-"""Training under ``torchrun`` (DistributedDataParallel on gloo; issue 18).
+"""Training under ``torchrun`` (DistributedDataParallel on gloo).
 
 Two processes are started twice: with ``torch.multiprocessing.spawn`` to check the
 process-group helpers and that ``fit`` on two ranks moves the weights as one process does
