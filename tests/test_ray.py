@@ -245,3 +245,67 @@ def test_the_command_a_journal_names_keeps_the_ray_options(argv, words):
     from crossmodal.cli import _ray_words, build_parser
 
     assert _ray_words(build_parser().parse_args(argv)) == words
+
+
+
+def parquet_shards(folder: Path) -> Path:
+    """Two Parquet files of 6 rows each, as ``pyarrow`` writes them: ``key`` int64, ``image`` a
+    ``datasets`` image struct ``{bytes, path}`` (row 9 not an image), ``text``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tinyrun import COLOURS, colour_image
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    names = list(COLOURS) * 3
+    images = [colour_image(COLOURS[name], rng) for name in names]
+    images[9] = b"not an image"
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    for part in range(2):
+        rows = range(6 * part, 6 * part + 6)
+        pq.write_table(pa.table({
+            "key": pa.array([100 + i for i in rows], pa.int64()),
+            "image": pa.array([{"bytes": images[i], "path": None} for i in rows], image_type),
+            "text": [f"a {names[i]} circle" for i in rows],
+        }), folder / f"part-{part}.parquet")  # fmt: skip
+    return folder
+
+
+def test_only_local_parquet_shards_with_an_id_column_are_read_by_the_workers(workdir, tmp_path):
+    from crossmodal.data import open_dataset
+    from crossmodal.jobs.ray_encode import parquet_source
+
+    shards = parquet_shards(tmp_path / "shards")
+    base = {"root": str(shards), "builder": "parquet", "image_column": "image"}
+    found = parquet_source(open_dataset("hub", {**base, "id_column": "key"}))
+    assert found is not None and found.files == [str(shards / f"part-{i}.parquet") for i in (0, 1)]
+    assert (found.id_column, found.image_column) == ("key", "image")
+    one = {**base, "id_column": "key", "data_files": str(shards / "part-1.parquet")}
+    assert parquet_source(open_dataset("hub", one)).files == [str(shards / "part-1.parquet")]
+    assert parquet_source(open_dataset("hub", base)) is None  # no key to match rows by
+    assert parquet_source(open_dataset("hub", {**base, "id_column": "key", "limit": 4})) is None
+
+
+@slow
+def test_parquet_shards_are_read_by_the_workers(ray_cluster, tiny_run, tmp_path, monkeypatch):
+    """Parquet shards of a ``hub`` dataset with an id column: the workers read the image bytes
+    (``read_parquet``) and keep the planned keys only (not a row the build found undecodable,
+    nor an item the run holds already), and the run is the one the single-process path gives."""
+    from crossmodal.jobs.index import add_to_run
+
+    shards = parquet_shards(tmp_path / "shards")
+    first = {"root": str(shards), "builder": "parquet", "image_column": "image", "id_column": "key",
+             "data_files": str(shards / "part-0.parquet")}  # fmt: skip
+    both = {k: v for k, v in first.items() if k != "data_files"}
+    reads = []
+    read_parquet = ray_cluster.data.read_parquet
+    monkeypatch.setattr(ray_cluster.data, "read_parquet", lambda files, **kw: reads.append(files)
+                        or read_parquet(files, **kw))  # fmt: skip
+    single, on_ray = copy_run(tiny_run, tmp_path / "single"), copy_run(tiny_run, tmp_path / "ray")
+    for options in (first, both):  # the second add holds the first's items already
+        want = add_to_run(single, "hub", options, progress=False)
+        assert add_to_run(on_ray, "hub", options, progress=False, ray=ray_options()) == want
+    assert want["added_items"] == 5 and want["already_present"] == 6
+    assert [len(files) for files in reads] == [1, 2]
+    assert_same_run(on_ray, single)
+    assert contents(on_ray / "images") == contents(single / "images")
