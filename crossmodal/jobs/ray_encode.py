@@ -2,12 +2,11 @@
 
 The driver plans as the single-process job does (which items, their ids, keys, captions and
 labels: metadata only, with the same functions of ``crossmodal.jobs.index``). Ray Data reads
-the images in blocks (``read_binary_files`` for image files, ``read_parquet`` on the workers
-for the Parquet shards of a ``hub`` dataset with an id column, Arrow blocks from the driver for
-other images held inline by a dataset) and the texts, and ``map_batches`` runs them through an
-actor pool whose actors load the run's encoders once each: its exported ONNX encoders when it
-has them, else its torch model, the same choice as serving (``crossmodal.serving.encoders``).
-The actors write Parquet shards of packed codes:
+the images in blocks (``read_binary_files`` for image files, Arrow blocks for images held
+inline by a dataset) and the texts, and ``map_batches`` runs them through an actor pool whose
+actors load the run's encoders once each: its exported ONNX encoders when it has them, else
+its torch model, the same choice as serving (``crossmodal.serving.encoders``). The actors
+write Parquet shards of packed codes:
 
     <shards>/image/*.parquet    id int64, code fixed_size_binary[bits / 8]
     <shards>/text/*.parquet     id int64, code fixed_size_binary[bits / 8]
@@ -24,7 +23,6 @@ Ray is imported only here, and only when ``--ray`` is asked for (the ``distribut
 
 from __future__ import annotations
 
-import glob
 import importlib
 import logging
 import math
@@ -235,25 +233,16 @@ class RayJob:
                  self.workers, self.backend, self.actor_cpus, folder)  # fmt: skip
 
     def encode_images(self, dataset: Any, positions: np.ndarray, ids: np.ndarray) -> None:
-        """Encode the images of ``dataset``'s items ``positions`` into ``image/`` shards, under ``ids``.
-
-        Parquet shards of a ``hub`` dataset are read by the workers (``parquet_source``); other
-        inline images go from the driver's dataset as Arrow blocks, image files by their paths.
-        """
+        """Encode the images of ``dataset``'s items ``positions`` into ``image/`` shards, under ``ids``."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
         if not len(positions):
             return
-        ids = np.asarray(ids, dtype=np.int64)
-        source = parquet_source(dataset)
-        if source is not None:
-            key_ids = dict(zip(dataset.ids_of(positions), ids.tolist()))
-            self._run(self.read_parquet(source, key_ids), "image")
-            return
         table = dataset.table.select(np.asarray(positions).tolist()).with_format("arrow")[:]
         lengths = pc.fill_null(pc.binary_length(table["image_bytes"]), 0)  # files: no bytes, or null
         inline = np.asarray(pc.greater(lengths, 0).to_numpy(zero_copy_only=False), dtype=bool)
+        ids = np.asarray(ids, dtype=np.int64)
         if inline.any():
             images = table["image_bytes"].filter(pa.array(inline))
             rows = pa.table({"id": pa.array(ids[inline]), "bytes": images})
@@ -263,17 +252,6 @@ class RayJob:
             names = np.asarray(table["image_path"].to_pylist(), dtype=object)[~inline]
             paths = [str((root / name).resolve()) for name in names]
             self._run(self.read_files(paths), "image", dict(zip(paths, ids[~inline].tolist())))
-
-    def read_parquet(self, source: ParquetSource, key_ids: dict[str, int]) -> Any:
-        """A Ray dataset of ``{"id", "bytes"}`` rows: the images of the keys ``key_ids`` (key: item
-        id) in ``source``'s files, read and matched on the workers; other rows are dropped there."""
-        log.info("the workers read the images of %d items from %d Parquet files",
-                 len(key_ids), len(source.files))  # fmt: skip
-        ds = self.ray.data.read_parquet(source.files, num_cpus=0.25)  # only the two columns are read:
-        ds = ds.select_columns([source.id_column, source.image_column])  # Ray pushes this into the scan
-        kwargs = {"source": source, "key_ids": key_ids}
-        return ds.map_batches(planned_images, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None,
-                              num_cpus=0.25)  # fmt: skip
 
     def read_files(self, paths: list[str]) -> Any:
         """A Ray dataset of ``{"bytes", "path"}`` rows of the image files ``paths``, read in blocks."""
@@ -320,89 +298,6 @@ class RayJob:
             raise RunError(f"the {modality} shards in {self.folder} hold {len(ids)} codes, not the "
                            f"{len(expected)} of the job; nothing was changed")  # fmt: skip
         return ids, packed
-
-
-@dataclass(frozen=True)
-class ParquetSource:
-    """The local Parquet files a ``hub`` dataset was built from, and its key and image columns.
-
-    ``base``: the folder relative image paths are read from (as ``load_hub`` reads them).
-    """
-
-    files: list[str]
-    id_column: str
-    image_column: str
-    base: str
-
-
-def parquet_source(dataset: Any) -> ParquetSource | None:
-    """The Parquet files behind ``dataset`` when the workers can read its images themselves, else None.
-
-    Only a ``hub`` build with ``builder=parquet`` from local files (``root`` a folder, or
-    ``data_files`` paths or globs), an id column (rows are matched by key) and no ``limit``,
-    whose files hold exactly the rows the build read (their row count is the build's), so that a
-    key names one row, the one the driver planned from.
-    """
-    source = dataset.info.source if isinstance(dataset.info.source, dict) else {}
-    columns = source.get("columns") or ()
-    if source.get("builder") != "parquet" or len(columns) != 4 or not columns[3] or source.get("limit"):
-        return None
-    files = _parquet_files(source.get("root"), source.get("data_files"))
-    image_column, id_column = str(columns[0]), str(columns[3])
-    if not files or _rows_of(files, (id_column, image_column)) != (dataset.info.stats or {}).get("n_rows"):
-        log.info("the images of %s go from the driver: its Parquet files are not all local, or do not "
-                 "hold exactly the rows it was built from", dataset.name)  # fmt: skip
-        return None
-    return ParquetSource(files, id_column, image_column, str(Path(source.get("root") or ".").resolve()))
-
-
-def _parquet_files(root: str | None, data_files: Any) -> list[str]:
-    """The local ``*.parquet`` files ``load_dataset("parquet", ...)`` reads: ``data_files`` (a path or
-    glob, or a list of them), else every one under the folder ``root`` but hidden ones."""
-    if data_files is None:
-        folder = Path(root or "")
-        if not root or not folder.is_dir():
-            return []
-        hidden = (".", "__")
-        found = [p for p in folder.rglob("*.parquet")
-                 if not any(part.startswith(hidden) for part in p.relative_to(folder).parts)]  # fmt: skip
-    else:
-        patterns = [data_files] if isinstance(data_files, str) else data_files
-        if not isinstance(patterns, list | tuple) or not all(isinstance(f, str) for f in patterns):
-            return []  # a split -> files mapping: not planned from here
-        found = [Path(f) for pattern in patterns for f in glob.glob(pattern, recursive=True)]
-    return sorted({str(p.resolve()) for p in found if p.is_file()})
-
-
-def _rows_of(files: list[str], columns: tuple[str, str]) -> int | None:
-    """The rows of the Parquet ``files`` (their footers only), or None where one lacks ``columns``."""
-    import pyarrow.parquet as pq
-
-    rows = 0
-    for file in files:
-        meta = pq.ParquetFile(file).metadata
-        if not set(columns) <= set(meta.schema.to_arrow_schema().names):
-            return None
-        rows += meta.num_rows
-    return rows
-
-
-def planned_images(batch: Any, source: ParquetSource, key_ids: dict[str, int]) -> Any:
-    """A block of ``source``'s rows as ``{"id", "bytes"}`` rows of the planned keys only (``key_ids``):
-    rows the driver's build skipped, or whose items the run holds already, are dropped. The image
-    bytes are taken as ``load_hub`` takes them (an image struct's bytes, else its file)."""
-    import pyarrow as pa
-
-    from crossmodal.data.captions import _hub_image
-
-    ids, images = [], []
-    base = Path(source.base)
-    for key, value in zip(batch[source.id_column].to_pylist(), batch[source.image_column].to_pylist()):
-        item = key_ids.get(str(key))
-        if item is not None:
-            ids.append(item)
-            images.append(_hub_image(value, base))
-    return pa.table({"id": pa.array(ids, pa.int64()), "bytes": pa.array(images, pa.binary())})
 
 
 def _worker_error(exc: BaseException) -> str:
