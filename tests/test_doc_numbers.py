@@ -98,3 +98,6 @@ def test_collect_reads_an_evaluated_run(tiny_run_copy):
     pieces = doc_numbers.render(numbers)
     assert set(pieces) == set(doc_numbers.render(COMMITTED))
     assert "n/a" in pieces["readme-headline"]  # no CCA-ITQ row: the text tower is not frozen
+    # the same numbers from a run at another path agree; a changed number is named
+    assert doc_numbers.stale_numbers(numbers, {**numbers, "run": "elsewhere/run"}) == []
+    assert doc_numbers.stale_numbers(numbers, {**numbers, "chance": {}, "run": "x"}) == ["chance"]
