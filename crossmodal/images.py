@@ -16,6 +16,8 @@ from PIL import Image, ImageOps
 MAX_PIXELS = 64_000_000
 # Images larger than this on their longest side are downscaled right after decoding.
 MAX_SIDE = 1024
+# The longest side of the thumbnails a run keeps of images held inline by a dataset.
+THUMB_SIDE = 256
 # Single-channel modes of more than 8 bits: 16-bit integer layouts, 32-bit integer, 32-bit float.
 DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 WHITE = (255, 255, 255, 255)
@@ -168,6 +170,26 @@ def read_header(data: bytes) -> Image.Image | None:
             except (SyntaxError, IndexError, TypeError, struct.error):
                 continue
     return None
+
+
+def thumbnail_bytes(data: bytes) -> bytes:
+    """A PNG of at most ``THUMB_SIDE`` px a side, on white: ``data`` itself when it already is one.
+
+    Raises:
+        ImageDecodeError: ``data`` is not a readable image.
+    """
+    try:  # an opaque PNG small enough is kept as it is (OpenMoji's renders): one decode, no encode
+        img = read_header(data)  # no Pillow size check or warning: open_image says it in our words
+        if img is not None and img.format == "PNG" and max(img.size) <= THUMB_SIDE:
+            img.load()  # decodes fully: a corrupt image falls through to open_image, which says why
+            alpha = img.getchannel("A").getextrema() if img.mode == "RGBA" else None
+            if img.mode in ("RGB", "L") or alpha == (255, 255):
+                return data
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        pass
+    buf = io.BytesIO()
+    open_image(data, max_side=THUMB_SIDE).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _converted(img: Image.Image, name: str) -> Image.Image:

@@ -1,5 +1,8 @@
 """Encoding throughput of ``crossmodal index --add``: the single-process path against Ray Data
-with 1 and 2 workers, on images of the run's own dataset written out as an image folder.
+with 1 and 2 workers, on images of the run's own dataset written out as an image folder, or
+(``--source parquet``) as two Parquet shards added through the ``hub`` dataset, which the
+workers read themselves; the bytes the driver process read (``rchar`` of ``/proc/self/io``)
+are reported beside the seconds.
 
 Each timed call adds the same folder (``--n`` images with their captions) to a fresh copy of the
 run, end to end: planning, encoding images and texts, building the indexes and the store, the
@@ -10,6 +13,7 @@ texts only (what the workers do, without Ray's overhead). Medians over ``--repea
 
 Usage:
     python scripts/bench_ray_encode.py --run runs/openmoji --n 300 --out runs/bench/ray_encode.json
+    python scripts/bench_ray_encode.py --source parquet --n 300 --out runs/bench/ray_encode_parquet.json
 """
 
 from __future__ import annotations
@@ -49,16 +53,47 @@ def write_folder(run: Path, n: int, folder: Path) -> Path:
     return folder
 
 
-def timed_add(base: Path, folder: Path, work: Path, ray: Any = None) -> float:
-    """Seconds of one ``add_to_run`` of ``folder`` into a fresh copy of ``base``."""
+def write_parquet(folder: Path, shards: Path) -> dict[str, Any]:
+    """The image folder's items as two Parquet shards (key, image struct, captions); the ``hub``
+    options that add them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
+    records = []
+    for r in rows:
+        image = {"bytes": (folder / r["file_name"]).read_bytes(), "path": None}
+        records.append({"key": r["file_name"], "captions": r["text"], "image": image})
+    shards.mkdir(parents=True)
+    half = len(records) // 2
+    for part, chunk in enumerate((records[:half], records[half:])):
+        pq.write_table(pa.Table.from_pylist(chunk), shards / f"part-{part}.parquet")
+    return {"root": str(shards), "builder": "parquet", "text_column": "captions", "id_column": "key"}
+
+
+def read_bytes() -> int:
+    """Bytes this process has read so far (``rchar``: files, pipes and sockets); 0 where unknown."""
+    try:
+        lines = Path("/proc/self/io").read_text().splitlines()
+    except OSError:
+        return 0
+    return int(next(line.split()[1] for line in lines if line.startswith("rchar")))
+
+
+def timed_add(base: Path, source: str, options: dict[str, Any] | None, work: Path, ray: Any = None,
+              reads: list[int] | None = None) -> float:  # fmt: skip
+    """Seconds of one ``add_to_run`` of ``source`` into a fresh copy of ``base`` (the bytes the
+    driver read appended to ``reads``). A dataset is built afresh each time (``force``)."""
     from crossmodal.jobs.index import add_to_run
 
     run = work / "run"
     shutil.rmtree(run, ignore_errors=True)
     shutil.copytree(base, run)
-    started = time.perf_counter()
-    info = add_to_run(run, str(folder), progress=False, ray=ray)
+    before, started = read_bytes(), time.perf_counter()
+    info = add_to_run(run, source, {**options, "force": True} if options else None, progress=False, ray=ray)
     seconds = time.perf_counter() - started
+    if reads is not None:
+        reads.append(read_bytes() - before)
     log.info("added %d items, %d texts in %.2f s", info["added_items"], info["added_texts"], seconds)
     return seconds
 
@@ -79,16 +114,21 @@ def timed_onnx(run: Path, folder: Path, batch_size: int) -> float:
     return time.perf_counter() - started
 
 
-def summary(name: str, times: list[float], n: int) -> dict[str, Any]:
+def summary(name: str, times: list[float], n: int, reads: list[int] | None = None) -> dict[str, Any]:
     median = statistics.median(times)
-    return {"path": name, "seconds": [round(t, 2) for t in times], "median_s": round(median, 2),
-            "images_per_s": round(n / median, 1)}  # fmt: skip
+    out = {"path": name, "seconds": [round(t, 2) for t in times], "median_s": round(median, 2),
+           "images_per_s": round(n / median, 1)}  # fmt: skip
+    if reads:
+        out["driver_read_mb"] = round(statistics.median(reads) / 2**20, 1)
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, default=Path("runs/openmoji"))
     p.add_argument("--n", type=int, default=300, help="images in the folder added")
+    p.add_argument("--source", choices=("folder", "parquet"), default="folder",
+                   help="add the images as an image folder, or as Parquet shards (hub dataset)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--batch-size", type=int, default=32)
@@ -100,22 +140,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
         work = Path(tmp)
         folder = write_folder(args.run, args.n, work / "folder")
+        source, options = str(folder), None
+        if args.source == "parquet":
+            source, options = "hub", write_parquet(folder, work / "shards")
         base = work / "base"
         shutil.copytree(args.run, base, ignore=shutil.ignore_patterns(*SKIPPED))
-        results = [summary("single process (index --add, torch)",
-                           [timed_add(base, folder, work) for _ in range(args.repeats)], args.n)]  # fmt: skip
+        reads: list[int] = []
+        times = [timed_add(base, source, options, work, reads=reads) for _ in range(args.repeats)]
+        results = [summary("single process (index --add, torch)", times, args.n, reads)]
         onnx = [timed_onnx(base, folder, args.batch_size) for _ in range(args.repeats)]
         results.append(summary("ONNX encoders in this process (encoding only)", onnx, args.n))
-        results += bench_ray(args, base, folder, work)
+        results += bench_ray(args, base, source, options, work)
     report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                          "load_avg": os.getloadavg()}, "n": args.n, "results": results}  # fmt: skip
+                          "load_avg": os.getloadavg()}, "n": args.n, "source": args.source,
+              "results": results}  # fmt: skip
     print(json.dumps(report, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1), encoding="utf-8")
 
 
-def bench_ray(args: argparse.Namespace, base: Path, folder: Path, work: Path) -> list[dict[str, Any]]:
+def bench_ray(args: argparse.Namespace, base: Path, source: str, options: dict[str, Any] | None,
+              work: Path) -> list[dict[str, Any]]:  # fmt: skip
     """``index --add --ray`` with each of ``args.workers`` on one local cluster."""
     import ray
 
@@ -127,9 +173,11 @@ def bench_ray(args: argparse.Namespace, base: Path, folder: Path, work: Path) ->
     out = []
     try:
         for workers in args.workers:
-            options = RayOptions(workers=workers, batch_size=args.batch_size, progress=False)
-            times = [timed_add(base, folder, work, ray=options) for _ in range(args.repeats)]
-            out.append(summary(f"Ray, {workers} worker{'s' if workers > 1 else ''}", times, args.n))
+            ray_options = RayOptions(workers=workers, batch_size=args.batch_size, progress=False)
+            reads: list[int] = []
+            times = [timed_add(base, source, options, work, ray=ray_options, reads=reads)
+                     for _ in range(args.repeats)]  # fmt: skip
+            out.append(summary(f"Ray, {workers} worker{'s' if workers > 1 else ''}", times, args.n, reads))
     finally:
         ray.shutdown()
     return out

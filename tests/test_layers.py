@@ -39,6 +39,10 @@ ALLOWED_LAZY: dict[tuple[str, str], str] = {
         "an exported run imports no torch",
     ("crossmodal.jobs.ray_encode", "crossmodal.runs.model"):
         "torch in the Ray workers only for runs without exported ONNX encoders (index --ray)",
+    ("crossmodal.jobs.ray_encode", "crossmodal.data.captions"):
+        "datasets (a second to import) only in the Ray workers that read shards themselves",
+    ("crossmodal.jobs.ray_encode", "crossmodal.data.shards"):
+        "datasets (a second to import) only in the Ray workers that read shards themselves",
 }  # fmt: skip
 
 

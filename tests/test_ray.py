@@ -203,34 +203,92 @@ def test_the_shards_of_a_killed_job_go_with_the_next_writer(tiny_run_copy):
     assert contents(tiny_run_copy) == before
 
 
+def shard_rows(rng: np.random.Generator) -> list[tuple[str, bytes | None, str, int]]:
+    """``(key, image bytes or None, caption, class)`` of a dozen items, one of them with a corrupt
+    image and one without any."""
+    from tinyrun import COLOURS, colour_image
+
+    rows = [(f"{i:06d}", colour_image(COLOURS[name], rng), f"a {name} circle", i % 3)
+            for i, name in enumerate(list(COLOURS) * 3)]  # fmt: skip
+    rows[4] = (rows[4][0], rows[4][1][:40], rows[4][2], rows[4][3])  # cut short: not decodable
+    rows[7] = (rows[7][0], None, rows[7][2], rows[7][3])
+    return rows
+
+
+def added_alike(tiny_run: Path, tmp_path: Path, options: dict, monkeypatch) -> tuple[Path, dict]:
+    """The run ``tiny_run`` with the ``hub`` source ``options`` added in one process and on Ray;
+    asserts that the two runs, their thumbnails and what the add says are the same, and that the
+    Ray add's driver read no image (it neither builds the dataset nor opens the shards' images)."""
+    import crossmodal.jobs.index as index_job
+    from crossmodal.jobs.index import add_to_run
+
+    single, on_ray = copy_run(tiny_run, tmp_path / "single"), copy_run(tiny_run, tmp_path / "ray")
+    want = add_to_run(single, "hub", options, progress=False)
+    with monkeypatch.context() as mp:
+        mp.setattr(index_job, "open_dataset", lambda *a, **k: pytest.fail("the driver built the dataset"))
+        got = add_to_run(on_ray, "hub", options, progress=False, ray=ray_options())
+    assert got == want
+    assert_same_run(on_ray, single)
+    assert contents(on_ray / "images") == contents(single / "images")
+    return on_ray, got
+
+
 @slow
-def test_webdataset_shards_are_encoded_as_without_ray(ray_cluster, tiny_run, tmp_path):
-    """WebDataset-style shards (``.tar`` of ``KEY.png`` + ``KEY.txt``), read by the ``hub`` dataset,
-    give the same run with and without Ray (inline images: thumbnails written by the driver)."""
+def test_webdataset_shards_are_read_by_the_workers(ray_cluster, tiny_run, tmp_path, monkeypatch):
+    """WebDataset-style shards (``.tar`` of ``KEY.png`` + ``KEY.txt`` + ``KEY.cls``): the driver
+    reads the keys and the small members, the workers the images; the run is the one a
+    single-process add gives, unusable images left out and said the same way."""
     import io
     import tarfile
 
-    from tinyrun import COLOURS, colour_image
-
-    from crossmodal.jobs.index import add_to_run
-
     (tmp_path / "shards").mkdir()
-    rng = np.random.default_rng(0)
-    with tarfile.open(tmp_path / "shards" / "shard-000000.tar", "w") as tar:
-        for i, name in enumerate(list(COLOURS) * 3):
-            files = {"png": colour_image(COLOURS[name], rng), "txt": f"a {name} circle".encode()}
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{i:06d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    rows = shard_rows(np.random.default_rng(0))
+    for part in range(2):
+        with tarfile.open(tmp_path / "shards" / f"shard-{part:06d}.tar", "w") as tar:
+            for key, image, caption, cls in rows[part * 6:(part + 1) * 6]:
+                members = {"txt": caption.encode(), "cls": str(cls).encode()}
+                if image is not None:
+                    members = {"png": image, **members}
+                for ext, data in members.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
     options = {"root": str(tmp_path / "shards"), "builder": "webdataset", "image_column": "png",
-               "text_column": "txt", "id_column": "__key__"}  # fmt: skip
-    single, on_ray = copy_run(tiny_run, tmp_path / "single"), copy_run(tiny_run, tmp_path / "ray")
-    want = add_to_run(single, "hub", options, progress=False)
-    assert add_to_run(on_ray, "hub", options, progress=False, ray=ray_options()) == want
-    assert want["added_items"] == 12
-    assert_same_run(on_ray, single)
-    assert contents(on_ray / "images") == contents(single / "images")
+               "text_column": "txt", "labels_column": "cls", "id_column": "__key__"}  # fmt: skip
+    _, info = added_alike(tiny_run, tmp_path, options, monkeypatch)
+    assert info["added_items"] == 10
+    assert info["skipped"]["undecodable_images"]["n"] == 2
+    assert [m.split(":")[0] for m in info["skipped"]["undecodable_images"]["first"]] == ["000004", "000007"]
+
+
+@slow
+def test_parquet_shards_are_read_by_the_workers(ray_cluster, tiny_run, tmp_path, monkeypatch):
+    """Parquet shards of ``Image`` structs (bytes, or a path relative to their folder), captions
+    and ClassLabel labels: the driver reads every column but the images, the workers read those;
+    the run is the one a single-process add gives."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = shard_rows(np.random.default_rng(1))
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "files").mkdir()  # beside the shards: a file in their folder would be read as one
+    (tmp_path / "files" / "000002.png").write_bytes(rows[2][1])
+    features = datasets.Features({"key": datasets.Value("string"), "image": datasets.Image(),
+                                  "caption": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["warm", "cool", "grey"])})  # fmt: skip
+    records = [{"key": k, "image": None if data is None else {"bytes": data, "path": None},
+                "caption": c, "label": cls} for k, data, c, cls in rows]  # fmt: skip
+    records[2]["image"] = {"bytes": None, "path": "../files/000002.png"}
+    for part in range(2):  # the schema's metadata keeps the features (ClassLabel names)
+        pq.write_table(pa.Table.from_pylist(records[part * 6:(part + 1) * 6], schema=features.arrow_schema),
+                       tmp_path / "shards" / f"part-{part}.parquet")  # fmt: skip
+    options = {"root": str(tmp_path / "shards"), "builder": "parquet", "text_column": "caption",
+               "labels_column": "label", "id_column": "key"}  # fmt: skip
+    on_ray, info = added_alike(tiny_run, tmp_path, options, monkeypatch)
+    assert info["added_items"] == 10 and info["skipped"]["undecodable_images"]["n"] == 2
+    with sqlite3.connect(on_ray / "store.sqlite") as conn:
+        assert conn.execute("SELECT key FROM items WHERE key = '000004' OR key = '000007'").fetchall() == []
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -147,25 +147,32 @@ def check_image(source: Path | bytes, mode: str) -> str | None:
     return None
 
 
-def _check_mode(mode: str) -> str:
+def check_mode(mode: str) -> str:
+    """``mode`` itself when it is one of ``CHECK_MODES``.
+
+    Raises:
+        ValueError: naming the modes.
+    """
     if mode not in CHECK_MODES:
         raise ValueError(f"check_images must be one of {', '.join(CHECK_MODES)}; got {mode!r}")
     return mode
 
 
-def _as_captions(value: Any) -> list[str]:
+def as_captions(value: Any) -> list[str]:
+    """A caption column's value as a list of captions: a string (or a JSON list in one), a list
+    of them, or None (no caption); blank ones dropped."""
     if value is None:
         return []
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("[") and text.endswith("]"):
             try:
-                return _as_captions(json.loads(text))
+                return as_captions(json.loads(text))
             except json.JSONDecodeError:
                 pass
         return [] if is_blank(text) else [text]
     if isinstance(value, Iterable):
-        return [c for v in value for c in _as_captions(v)]
+        return [c for v in value for c in as_captions(v)]
     return [str(value)]
 
 
@@ -322,7 +329,7 @@ def read_metadata(
         text = next((row[c] for c in text_cols if row.get(c) is not None), None)
         labels = _as_labels(row.get(labels_column), label_separator)
         has_labels = has_labels or row.get(labels_column) is not None
-        _merge(entries, rel, _as_captions(text), labels)
+        _merge(entries, rel, as_captions(text), labels)
     return entries, has_labels
 
 
@@ -476,7 +483,7 @@ def load_imagefolder(
         1000,
         10000,
         source,
-        _check_mode(check_images),
+        check_mode(check_images),
         limit,
         cache_dir,
         published=False,
@@ -558,7 +565,7 @@ def _coco_entries(
                 "orphan_captions", f"caption {ann.get('id')}: unknown image_id {ann.get('image_id')}"
             )
             continue
-        _merge(entries, rel, _as_captions(ann.get("caption")), [])
+        _merge(entries, rel, as_captions(ann.get("caption")), [])
     return entries, by_id
 
 
@@ -625,7 +632,7 @@ def load_coco(
         5000,
         10000,
         source,
-        _check_mode(check_images),
+        check_mode(check_images),
         limit,
         cache_dir,
         drop_unlabeled,
@@ -681,7 +688,7 @@ def _karpathy_entries(path: Path, split: str | None, problems: Problems) -> dict
             problems.add("bad_lines", f"{path.name} image #{k}: no filename")
             continue
         caps = [s.get("raw") or " ".join(s.get("tokens", [])) for s in img.get("sentences", [])]
-        _merge(entries, name, _as_captions(caps), [])
+        _merge(entries, name, as_captions(caps), [])
     return entries
 
 
@@ -757,7 +764,7 @@ def load_flickr30k(
         1000,
         29000,
         source,
-        _check_mode(check_images),
+        check_mode(check_images),
         limit,
         cache_dir,
     )
@@ -811,7 +818,9 @@ def load_hub(
         where = f"{data_files if data_files is not None else root} (column {id_column!r})"
         check_unique_ids((str(v) for v in table[id_column]), where)
     table = _undecoded_images(table, image_column)
-    label_names = _hub_label_names(table, labels_column) if labels_column else None
+    label_names = None
+    if labels_column:
+        label_names = hub_label_names(table.features[labels_column], lambda: table[labels_column])
     problems = Problems(f"{builder or root}[{split}]")
     columns = (image_column, text_column, labels_column, id_column)
     opts = {
@@ -825,7 +834,7 @@ def load_hub(
         "limit": limit,
     }
     base = Path(root) if builder else Path(".")
-    rows = _hub_rows(table, columns, label_names, _check_mode(check_images), base, problems)
+    rows = _hub_rows(table, columns, label_names, check_mode(check_images), base, problems)
     info = DatasetInfo(
         name=name,
         label_names=label_names or [],
@@ -868,23 +877,30 @@ def _undecoded_images(table: Any, column: str) -> Any:
     return table
 
 
-def _hub_label_names(table: Any, column: str) -> list[str]:
+def hub_label_names(feature: Any, values: Callable[[], Iterable[Any]]) -> list[str]:
+    """The label names of a ``hub`` labels column: a ``ClassLabel`` feature's (or its lists'),
+    else ``label_K`` up to the largest class id when every value is an integer, else the sorted
+    distinct values. ``values()``: the column's values (scalars or lists), read only when the
+    feature names none."""
     import datasets
 
-    feat = table.features[column]
-    inner = getattr(feat, "feature", feat)
+    inner = getattr(feature, "feature", feature)
     if isinstance(inner, datasets.ClassLabel):
         return list(inner.names)
-    values = set()
-    for v in table[column]:
-        values.update(v if isinstance(v, list) else [v])
-    values.discard(None)
-    if values and all(isinstance(v, (int, np.integer)) for v in values):
-        return [f"label_{k}" for k in range(int(max(values)) + 1)]
-    return sorted(str(v) for v in values)
+    found = set()
+    for v in values():
+        found.update(v if isinstance(v, list) else [v])
+    found.discard(None)
+    if found and all(isinstance(v, (int, np.integer)) for v in found):
+        return [f"label_{k}" for k in range(int(max(found)) + 1)]
+    return sorted(str(v) for v in found)
 
 
-def _hub_image(value: Any, base: Path) -> bytes | None:
+def hub_image(value: Any, base: Path) -> bytes | None:
+    """The image bytes of a ``hub`` image column's value: an ``Image`` struct's bytes, else its
+    file (a path relative to ``base``); raw bytes; a path string. None when there are none."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value) or None
     if isinstance(value, dict):
         if value.get("bytes"):
             return value["bytes"]
@@ -902,7 +918,7 @@ def _hub_rows(table, columns, label_names, check_mode, base: Path, problems: Pro
     def generate() -> Iterator[dict[str, Any]]:
         for i, row in enumerate(table):
             item_id = str(row[id_col]) if id_col else str(i)
-            data = _hub_image(row[image_col], base)
+            data = hub_image(row[image_col], base)
             why = "no image data" if data is None else check_image(data, check_mode)
             if why:
                 problems.add("undecodable_images", f"{item_id}: {why}", failed_id=item_id)
@@ -910,10 +926,10 @@ def _hub_rows(table, columns, label_names, check_mode, base: Path, problems: Pro
             labels = None
             if label_names is not None:
                 labels = np.zeros(len(label_names), dtype=np.uint8)
-                for v in _listify(row[labels_col]):
+                for v in listify(row[labels_col]):
                     key = label_names[int(v)] if isinstance(v, (int, np.integer)) else str(v)
                     labels[index[key]] = 1
-            captions = _as_captions(row[text_col])
+            captions = as_captions(row[text_col])
             if not captions:
                 problems.uncaptioned.append(item_id)
             yield make_record(item_id, captions, labels=labels, image_bytes=data)
@@ -921,7 +937,8 @@ def _hub_rows(table, columns, label_names, check_mode, base: Path, problems: Pro
     return generate
 
 
-def _listify(value: Any) -> list[Any]:
+def listify(value: Any) -> list[Any]:
+    """A labels column's value as a list: None is empty, a scalar one value."""
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]

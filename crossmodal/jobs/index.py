@@ -16,7 +16,6 @@ manifest (``index.removed_keys``) and left out. Every job here holds the run's l
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
 import logging
@@ -34,7 +33,6 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-from PIL import Image
 
 from crossmodal.codes import pack_codes
 from crossmodal.data import (
@@ -46,11 +44,12 @@ from crossmodal.data import (
     open_dataset,
 )
 from crossmodal.data.records import make_features
+from crossmodal.data.shards import NO_IMAGE_KEYS, Shards, find_shards, plan_shards
 from crossmodal.features import join_captions
-from crossmodal.images import ImageDecodeError, open_image, read_header
+from crossmodal.images import THUMB_SIDE, ImageDecodeError, thumbnail_bytes  # noqa: F401 (re-exported)
 from crossmodal.index import BinaryIndex, create_index
 from crossmodal.io import atomic_path
-from crossmodal.jobs.ray_encode import RayOptions, add_on_ray, index_on_ray
+from crossmodal.jobs.ray_encode import RayOptions, add_on_ray, add_shards_on_ray, index_on_ray
 from crossmodal.models.hasher import TwoTowerHasher
 from crossmodal.runs.encode import encode_items, frozen_features, open_run_data
 from crossmodal.runs.folder import RunError, RunUpdate, check_run, lock_run, recover_run, verify_files
@@ -60,8 +59,6 @@ from crossmodal.store import MetadataStore, StoreError
 from crossmodal.text import QueryError
 
 log = logging.getLogger(__name__)
-
-THUMB_SIDE = 256
 
 
 def readable_by(tower: Any) -> Callable[[str], bool]:
@@ -111,26 +108,6 @@ def text_units(
         elif captions or dataset.info.bow_dim:
             out.append({"text_id": int(item), "item_id": int(item), "caption": join_captions(captions)})
     return out
-
-
-def thumbnail_bytes(data: bytes) -> bytes:
-    """A PNG of at most ``THUMB_SIDE`` px a side, on white: ``data`` itself when it already is one.
-
-    Raises:
-        ImageDecodeError: ``data`` is not a readable image.
-    """
-    try:  # an opaque PNG small enough is kept as it is (OpenMoji's renders): one decode, no encode
-        img = read_header(data)  # no Pillow size check or warning: open_image says it in our words
-        if img is not None and img.format == "PNG" and max(img.size) <= THUMB_SIDE:
-            img.load()  # decodes fully: a corrupt image falls through to open_image, which says why
-            alpha = img.getchannel("A").getextrema() if img.mode == "RGBA" else None
-            if img.mode in ("RGB", "L") or alpha == (255, 255):
-                return data
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        pass
-    buf = io.BytesIO()
-    open_image(data, max_side=THUMB_SIDE).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def write_thumbnails(
@@ -454,7 +431,11 @@ def _add(run_dir: Path, source: str, options: dict[str, Any], progress: bool,
         what = "a file, not a folder" if Path(source).exists() else "no such folder"
         raise ValueError(f"cannot add {source!r}: {what}, and no dataset has that name "
                          f"(datasets: {', '.join(list_datasets())})")  # fmt: skip
-    dataset = open_dataset(name, options)
+    shards = find_shards(name, options) if ray is not None else None
+    if shards is not None:  # the workers read the images: the driver reads the metadata only
+        dataset = plan_shards(shards, options.get("split", "train"), name, options.get("cache_dir"))
+    else:
+        dataset = open_dataset(name, options)
     with MetadataStore.open(run_dir / "store.sqlite") as store:
         first_item, first_text = store.max_item_id() + 1, store.max_text_id() + 1
         present = store.find_keys(dataset.ids, source=origin)
@@ -474,8 +455,10 @@ def _add(run_dir: Path, source: str, options: dict[str, Any], progress: bool,
     item_ids = first_item + np.arange(positions.size)
     new = encode_new_items(run_dir, model, indexes, dataset, positions, item_ids, origin,
                            first_text=first_text, per_caption=per_caption(dataset, manifest),
-                           run_labels=run_labels, progress=progress, ray=ray)  # fmt: skip
+                           run_labels=run_labels, progress=progress, ray=ray, shards=shards)  # fmt: skip
     items, units, stamps, result["unknown_labels"] = new.items, new.texts, new.stamps, new.unknown_labels
+    if new.unusable:  # found by the workers that read the shards: said as a build says them
+        result["skipped"] = with_unusable(result["skipped"], new.unusable)
     if result["unknown_labels"]:
         log.info("%s: labels of %s that the run does not have were not stored: %s", run_dir, origin,
                  ", ".join(f"{k} ({v} items)" for k, v in result["unknown_labels"].items()))  # fmt: skip
@@ -507,39 +490,66 @@ def per_caption(dataset: CrossModalDataset, manifest: dict[str, Any]) -> bool:
 @dataclass
 class NewItems:
     """Store rows of items encoded into a run's indexes: ``items``, ``texts``, ``stamps`` (see
-    ``item_stamps``), and ``unknown_labels`` (``{label name the run lacks: items}``)."""
+    ``item_stamps``), ``unknown_labels`` (``{label name the run lacks: items}``) and ``unusable``
+    (``{key: why}`` of planned items left out because a worker found their image unusable)."""
 
     items: list[dict[str, Any]]
     texts: list[dict[str, Any]]
     stamps: list[dict[str, Any]]
     unknown_labels: dict[str, int]
+    unusable: dict[str, str] = field(default_factory=dict)
 
 
 def encode_new_items(
     run_dir: Path, model: TwoTowerHasher, indexes: dict[str, BinaryIndex], dataset: CrossModalDataset,
     positions: np.ndarray, item_ids: np.ndarray, source: str, *, first_text: int, per_caption: bool,
-    run_labels: list[str], progress: bool = True, ray: RayOptions | None = None,
+    run_labels: list[str], progress: bool = True, ray: RayOptions | None = None, shards: Shards | None = None,
 ) -> NewItems:  # fmt: skip
     """Encode items ``positions`` of ``dataset`` into ``indexes`` under ``item_ids`` (texts from
     ``first_text`` on when ``per_caption``, else under their item's id), write their thumbnails,
-    and return their store rows; nothing is written to the store."""
-    new_id = dict(zip(positions.tolist(), item_ids.tolist()))
+    and return their store rows; nothing is written to the store.
+
+    With ``shards`` (``dataset`` is their plan, ``plan_shards``) the Ray workers read the images
+    from the shards; items whose image is unusable are left out, and the others numbered on from
+    ``item_ids[0]`` as a build that had left them out would number them.
+    """
+    if shards is not None and ray is not None:
+        def units_of(kept: np.ndarray, ids: np.ndarray) -> list[dict[str, Any]]:
+            return _new_units(model, dataset, positions[kept], ids, first_text, per_caption)
+
+        no_image = set((dataset.info.stats or {}).get(NO_IMAGE_KEYS) or [])
+        done = add_shards_on_ray(run_dir, ray, model, indexes, shards, dataset.ids_of(positions), item_ids,
+                                 units_of, no_image)  # fmt: skip
+        positions, item_ids, units, paths = positions[done.kept], done.item_ids, done.texts, done.paths
+        stamps, unusable = [], done.failures  # images held in shards: no file to stamp
+    else:
+        units = _new_units(model, dataset, positions, item_ids, first_text, per_caption)
+        stamps, unusable = item_stamps(dataset, positions, item_ids), {}  # before encoding: a change is seen
+        if ray is not None:  # on a Ray cluster (crossmodal index --add --ray)
+            add_on_ray(run_dir, ray, model, indexes, dataset, positions, item_ids, units)
+        else:
+            encode_into(model, indexes["image"], "image", item_ids, dataset, positions, progress=progress)
+            encode_into(model, indexes["text"], "text", [u["text_id"] for u in units],
+                        texts=[u["caption"] for u in units], progress=progress)  # fmt: skip
+        paths = write_thumbnails(dataset, positions, run_dir, item_ids, overwrite=True)
+    labels, unknown = run_label_names(dataset, positions, run_labels)
+    items = [{"item_id": int(i), "key": k, "image_path": p, "labels": names, "source": source}
+             for i, k, p, names in zip(item_ids, dataset.ids_of(positions), paths, labels)]  # fmt: skip
+    return NewItems(items, units, stamps, unknown, unusable)
+
+
+def _new_units(
+    model: TwoTowerHasher, dataset: CrossModalDataset, positions: np.ndarray, item_ids: np.ndarray,
+    first_text: int, per_caption: bool,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The text entries of new items ``positions`` stored as ``item_ids``: ``text_units`` under
+    ids from ``first_text`` on when ``per_caption``, else under their item's id."""
+    new_id = dict(zip(positions.tolist(), np.asarray(item_ids).tolist()))
     units = text_units(dataset, positions, readable=readable_by(model.text_tower))
     for j, u in enumerate(units):
         u["item_id"] = new_id[u["item_id"]]
         u["text_id"] = first_text + j if per_caption else u["item_id"]
-    labels, unknown = run_label_names(dataset, positions, run_labels)
-    stamps = item_stamps(dataset, positions, item_ids)  # before encoding: a file changed since is seen
-    if ray is not None:  # on a Ray cluster (crossmodal index --add --ray)
-        add_on_ray(run_dir, ray, model, indexes, dataset, positions, item_ids, units)
-    else:
-        encode_into(model, indexes["image"], "image", item_ids, dataset, positions, progress=progress)
-        encode_into(model, indexes["text"], "text", [u["text_id"] for u in units],
-                    texts=[u["caption"] for u in units], progress=progress)  # fmt: skip
-    paths = write_thumbnails(dataset, positions, run_dir, item_ids, overwrite=True)
-    items = [{"item_id": int(i), "key": k, "image_path": p, "labels": names, "source": source}
-             for i, k, p, names in zip(item_ids, dataset.ids_of(positions), paths, labels)]  # fmt: skip
-    return NewItems(items, units, stamps, unknown)
+    return units
 
 
 def item_stamps(
@@ -613,6 +623,15 @@ def skipped_files(dataset: CrossModalDataset) -> dict[str, dict[str, Any]]:
     kinds = [k[2:] for k in stats if k.startswith("n_") and isinstance(stats.get(k[2:]), list)
              and k not in ("n_without_captions", "n_failed_images") and stats[k]]  # fmt: skip
     return {kind: {"n": int(stats[f"n_{kind}"]), "first": list(stats[kind])[:3]} for kind in kinds}
+
+
+def with_unusable(skipped: dict[str, dict[str, Any]], unusable: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """``skipped`` (``skipped_files``) with the ``{key: why}`` of images found unusable while
+    encoding counted as ``undecodable_images``, the kind a build records them as."""
+    kind = dict(skipped.get("undecodable_images") or {"n": 0, "first": []})
+    kind["n"] += len(unusable)
+    kind["first"] = [*kind["first"], *(f"{k}: {why}" for k, why in unusable.items())][:3]
+    return {**skipped, "undecodable_images": kind}
 
 
 def removed_added_keys(info: dict[str, Any], items: list[dict[str, Any]], keep: bool) -> dict[str, list[str]]:

@@ -1,15 +1,19 @@
 """Encoding a collection on a Ray cluster: ``crossmodal index --ray [ADDRESS]``.
 
 The driver plans as the single-process job does (which items, their ids, keys, captions and
-labels: metadata only, with the same functions of ``crossmodal.jobs.index``). Ray Data reads
-the images in blocks (``read_binary_files`` for image files, Arrow blocks for images held
-inline by a dataset) and the texts, and ``map_batches`` runs them through an actor pool whose
-actors load the run's encoders once each: its exported ONNX encoders when it has them, else
-its torch model, the same choice as serving (``crossmodal.serving.encoders``). The actors
-write Parquet shards of packed codes:
+labels: metadata only, with the same functions of ``crossmodal.jobs.index``; for Parquet or
+WebDataset shards, ``crossmodal.data.shards`` reads their metadata columns only). Ray Data
+reads the images in blocks on the workers (``read_binary_files`` for image files,
+``read_parquet`` / ``read_webdataset`` for shards; images a built dataset holds inline go as
+Arrow blocks from the driver) and the texts, and ``map_batches`` runs them through an actor
+pool whose actors load the run's encoders once each: its exported ONNX encoders when it has
+them, else its torch model, the same choice as serving (``crossmodal.serving.encoders``). The
+actors check the images of shards as a build would, write their thumbnails, and write Parquet
+shards of packed codes:
 
-    <shards>/image/*.parquet    id int64, code fixed_size_binary[bits / 8]
-    <shards>/text/*.parquet     id int64, code fixed_size_binary[bits / 8]
+    <shards>/image/*.parquet    id int64, code fixed_size_binary[bits / 8], error string
+    <shards>/text/*.parquet     id int64, code fixed_size_binary[bits / 8], error string
+    <shards>/thumbnails/<id>.png
 
 The driver reads the shards back in id order and builds the FAISS indexes (an IVF index
 trained on a sample of them) and the store, through the same journaled ``RunUpdate`` as
@@ -26,22 +30,28 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from crossmodal.codes import pack_codes
-from crossmodal.images import ImageDecodeError, open_image
+from crossmodal.images import ImageDecodeError, open_image, thumbnail_bytes
 from crossmodal.index import BinaryIndex, create_index, default_nlist
+from crossmodal.io import atomic_path
 from crossmodal.runs.exported import ENCODERS_FILE, EncoderFileError, OnnxEncoders, read_spec
 from crossmodal.runs.folder import STAGING_PREFIX, RunError, read_manifest
+
+if TYPE_CHECKING:  # crossmodal.data imports datasets: a second an actor that does not need it
+    from crossmodal.data.shards import Shards
 
 log = logging.getLogger(__name__)
 
@@ -72,38 +82,104 @@ class RayOptions:
     progress: bool = True
 
 
+@dataclass(frozen=True)
+class ShardRead:
+    """How an actor takes the image rows of shards it reads itself (``crossmodal.data.shards``).
+
+    Attributes:
+        key_column, image_column: the columns of a row's key and image (an ``Image`` struct,
+            bytes or a path, as ``hub_image`` takes them).
+        key_ids: the planned keys and their ids; rows of other keys are dropped.
+        base: the folder relative image paths are read from.
+        check: ``check_image``'s mode, the one the source's ``load_hub`` build would use.
+        thumbnails: the folder the thumbnails go to, as ``<id>.png``.
+    """
+
+    key_column: str
+    image_column: str
+    key_ids: dict[str, int]
+    base: str
+    check: str
+    thumbnails: str
+
+
 class Encode:
     """The actor of the encoding pool: a run's encoders, loaded once, over blocks of rows.
 
     Rows are ``{"id", "bytes"}`` (images held inline), ``{"path", "bytes"}`` (image files:
-    ``path_ids`` maps each path to its id) or ``{"id", "text"}``; each batch becomes a table
-    ``id int64, code fixed_size_binary[bits / 8]``.
+    ``path_ids`` maps each path to its id), ``{"id", "text"}``, or the rows of shards (``shards``:
+    matched by key, checked, thumbnailed); each batch becomes a table ``id int64, code
+    fixed_size_binary[bits / 8], error string``. ``error`` is null but for the rows of shards
+    whose image is not usable (their code is null): those are left out, as a build leaves them.
     """
 
-    def __init__(self, run_dir: str, backend: str, modality: str, imports: tuple[str, ...] = (),
-                 path_ids: dict[str, int] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, run_dir: str, backend: str, modality: str, bits: int, imports: tuple[str, ...] = (),
+        path_ids: dict[str, int] | None = None, shards: ShardRead | None = None,
+    ) -> None:  # fmt: skip
         for module in imports:  # the modules that register the run's own towers
             importlib.import_module(module)
         self.encoders = OnnxEncoders.load(run_dir, threads=1) if backend == "onnx" else TorchCodes(run_dir)
-        self.modality, self.path_ids = modality, path_ids or {}
+        self.modality, self.path_ids, self.shards, self.width = modality, path_ids or {}, shards, bits // 8
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+    def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
 
-        if "path" in batch:  # image files, named by their paths
-            names = [str(p) for p in batch["path"]]
-            ids = np.array([self.path_ids[p] for p in names], dtype=np.int64)
+        errors: list[str | None]
+        if self.shards is not None:
+            ids, images, errors = self.shard_rows(batch)
+        elif "path" in batch.column_names:  # image files, named by their paths
+            names = [str(p) for p in batch["path"].to_pylist()]
+            ids = [self.path_ids[p] for p in names]
+            images = [self.decode(d, n) for d, n in zip(batch["bytes"].to_pylist(), names)]
+            errors = [None] * len(ids)
         else:
-            ids = np.asarray(batch["id"], dtype=np.int64)
-            names = [f"id {i}" for i in ids]
-        if self.modality == "text":
-            codes = self.encoders.encode_texts([str(t) for t in batch["text"]])
-        else:
-            codes = self.encoders.encode_images([self.decode(d, n) for d, n in zip(batch["bytes"], names)])
-        packed = pack_codes(codes)  # [b, bits / 8]
-        width = packed.shape[1]
-        return pa.table({"id": pa.array(ids, pa.int64()),
-                         "code": pa.array([row.tobytes() for row in packed], pa.binary(width))})  # fmt: skip
+            ids = batch["id"].to_pylist()
+            if self.modality == "text":
+                images = batch["text"].to_pylist()
+            else:
+                images = [self.decode(d, f"id {i}") for d, i in zip(batch["bytes"].to_pylist(), ids)]
+            errors = [None] * len(ids)
+        good = [k for k, e in enumerate(errors) if e is None]
+        rows: list[bytes | None] = [None] * len(ids)
+        if good:
+            inputs = [images[k] for k in good]
+            encode = self.encoders.encode_texts if self.modality == "text" else self.encoders.encode_images
+            for k, row in zip(good, pack_codes(encode(inputs))):  # [b, bits / 8]
+                rows[k] = row.tobytes()
+        return pa.table({"id": pa.array(ids, pa.int64()), "code": pa.array(rows, pa.binary(self.width)),
+                         "error": pa.array(errors, pa.string())})  # fmt: skip
+
+    def shard_rows(self, batch: Any) -> tuple[list[int], list[Any], list[str | None]]:
+        """The planned rows of a block of shards: ids, decoded images (None where unusable) and why
+        each is unusable (``check_image``'s words, as ``load_hub`` records them; None if usable).
+        Each usable image's thumbnail is written to ``shards.thumbnails``."""
+        from crossmodal.data.captions import check_image, hub_image
+        from crossmodal.data.shards import NO_IMAGE
+
+        read = self.shards
+        base, out = Path(read.base), Path(read.thumbnails)
+        ids, images, errors = [], [], []
+        for key, value in zip(batch[read.key_column].to_pylist(), batch[read.image_column].to_pylist()):
+            item = read.key_ids.get(str(key))
+            if item is None:  # not planned: left out by the plan, or in the run already
+                continue
+            data = hub_image(value, base)
+            why = NO_IMAGE if data is None else check_image(data, read.check)
+            image = None
+            if why is None:
+                try:
+                    image = open_image(data)
+                    thumbnail = thumbnail_bytes(data)
+                except ImageDecodeError as exc:
+                    why = str(exc)
+                else:
+                    with atomic_path(out / f"{item}.png", fsync=False) as tmp:
+                        tmp.write_bytes(thumbnail)
+            ids.append(item)
+            images.append(image)
+            errors.append(why)
+        return ids, images, errors
 
     @staticmethod
     def decode(data: bytes, name: Any) -> Any:
@@ -219,7 +295,7 @@ class RayJob:
 
     def __init__(self, ray: Any, run_dir: Path, options: RayOptions, model: Any, folder: Path) -> None:
         self.ray, self.run_dir, self.options, self.folder = ray, run_dir, options, folder
-        self.backend = choose_backend(run_dir)
+        self.backend, self.bits = choose_backend(run_dir), int(model.bits)
         self.imports = plugin_modules(model) if self.backend == "torch" else ()
         cpus = float(ray.cluster_resources().get("CPU", 1))
         self.workers = int(options.workers or max(1, int(cpus) - 1))
@@ -227,6 +303,8 @@ class RayJob:
         # CPUs, it does not bind them: each actor still runs as fast as its core lets it)
         self.actor_cpus = min(1.0, max(0.1, (cpus - 1) / self.workers))
         self.ray.data.DataContext.get_current().enable_progress_bars = options.progress
+        if not options.progress:  # bars asked off (a script's stderr): Ray would warn that they are
+            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         if not log.isEnabledFor(logging.INFO):  # Ray Data narrates every dataset it runs
             logging.getLogger("ray.data").setLevel(logging.WARNING)
         log.info("encoding on Ray with %d %s workers (%.2f CPUs each); shards in %s",
@@ -271,19 +349,49 @@ class RayJob:
         step = _rows_per_block(table.num_rows, self.workers, self.options.batch_size)
         return self.ray.data.from_arrow([table.slice(s, step) for s in range(0, table.num_rows, step)])
 
-    def _run(self, ds: Any, modality: str, path_ids: dict[str, int] | None = None) -> None:
+    def _run(self, ds: Any, modality: str, path_ids: dict[str, int] | None = None,
+             shards: ShardRead | None = None) -> None:  # fmt: skip
         """``ds`` through the actor pool into Parquet shards under ``folder / modality``."""
-        kwargs = {"run_dir": str(self.run_dir), "backend": self.backend, "modality": modality,
-                  "imports": self.imports, "path_ids": path_ids}  # fmt: skip
+        kwargs = dict(run_dir=str(self.run_dir), backend=self.backend, modality=modality, bits=self.bits,
+                      imports=self.imports, path_ids=path_ids, shards=shards)
         encoded = ds.map_batches(
-            Encode, fn_constructor_kwargs=kwargs, batch_size=self.options.batch_size, batch_format="numpy",
+            Encode, fn_constructor_kwargs=kwargs, batch_size=self.options.batch_size, batch_format="pyarrow",
             compute=self.ray.data.ActorPoolStrategy(size=self.workers), num_cpus=self.actor_cpus,
         )  # fmt: skip
         try:
-            encoded.write_parquet(str(self.folder / modality), ray_remote_args={"num_cpus": 0.25})
+            with warnings.catch_warnings():  # a small collection reads as fewer blocks than actors
+                warnings.filterwarnings("ignore", "The minimum number of concurrent actors", UserWarning)
+                encoded.write_parquet(str(self.folder / modality), ray_remote_args={"num_cpus": 0.25})
         except Exception as exc:  # Ray wraps the worker's error: _worker_error finds it
             why = _worker_error(exc)
             raise RunError(f"encoding {modality}s on Ray failed, nothing was changed: {why}") from exc
+
+    def encode_shard_images(self, shards: Shards, key_ids: dict[str, int]) -> None:
+        """Encode the images of the keys ``key_ids`` (key: id) in ``shards``' files into ``image/``
+        shards, and their thumbnails into ``thumbnails/<id>.png``: the workers read the files
+        (``read_parquet`` of the key and image columns only, ``read_webdataset`` of the image
+        members only) and drop the rows of other keys. Unusable images are recorded, not raised
+        (``failures``)."""
+        from pyarrow.fs import LocalFileSystem
+
+        log.info("the workers read the images of %d items from %d %s files", len(key_ids), len(shards.files),
+                 shards.format)  # fmt: skip
+        files = list(shards.files)
+        # at least a few blocks a worker; a file yields one or more (Ray splits what it reads)
+        blocks = max(len(files), 4 * self.workers)
+        read = {"filesystem": LocalFileSystem(), "num_cpus": 0.25, "override_num_blocks": blocks}
+        if shards.format == "parquet":
+            ds = self.ray.data.read_parquet(files, **read)  # the projection is pushed into the file scan
+            ds = ds.select_columns([shards.id_column, shards.image_column])
+        else:  # rows: __key__, __url__ and the image member's undecoded bytes
+            ds = self.ray.data.read_webdataset(files, decoder=None, suffixes=[shards.image_column], **read)
+        rows = ShardRead(shards.id_column, shards.image_column, key_ids, shards.base, shards.check_images,
+                         str(self.folder / "thumbnails"))  # fmt: skip
+        self._run(ds, "image", shards=rows)
+
+    def failures(self, modality: str) -> dict[int, str]:
+        """``{id: why}`` of the rows of ``modality`` that were left out (unusable images of shards)."""
+        return read_shards(self.folder / modality)[2]
 
     def codes(self, modality: str, expected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The shards of ``modality``: ``(ids int64 [n] sorted, packed uint8 [n, bits / 8])``.
@@ -291,7 +399,7 @@ class RayJob:
         Raises:
             RunError: the shards do not hold exactly the ids ``expected``.
         """
-        ids, packed = read_shards(self.folder / modality)
+        ids, packed, _ = read_shards(self.folder / modality)
         order = np.argsort(ids, kind="stable")
         ids, packed = ids[order], packed[order]
         if not np.array_equal(ids, np.sort(np.asarray(expected, dtype=np.int64))):
@@ -314,19 +422,24 @@ def _worker_error(exc: BaseException) -> str:
 _ERROR_LINE = re.compile(r"^([\w.]*(?:Error|Exception)): (.+)$")
 
 
-def read_shards(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(ids int64 [n], packed uint8 [n, w])`` of every Parquet shard in ``folder`` (in file order)."""
+def read_shards(folder: Path) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """``(ids int64 [n], packed uint8 [n, w], {id: why})`` of every Parquet shard in ``folder`` (in
+    file order): the rows with a code, and the rows left out with the reason."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     if not files:
-        return np.zeros(0, np.int64), np.zeros((0, 0), np.uint8)
-    table = pq.read_table([str(f) for f in files], columns=["id", "code"])
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.uint8), {}
+    table = pq.read_table([str(f) for f in files], columns=["id", "code", "error"])
+    failed = pc.is_valid(table["error"])
+    failures = dict(zip(table.filter(failed)["id"].to_pylist(), table.filter(failed)["error"].to_pylist()))
+    table = table.filter(pc.invert(failed))
     codes = table["code"].combine_chunks()
     width = codes.type.byte_width
     data = np.frombuffer(codes.buffers()[1], dtype=np.uint8)
     packed = data[codes.offset * width:(codes.offset + len(codes)) * width].reshape(len(codes), width)
-    return table["id"].to_numpy().astype(np.int64), packed
+    return table["id"].to_numpy().astype(np.int64), packed, failures
 
 
 def fill_index(index: BinaryIndex, ids: np.ndarray, packed: np.ndarray, chunk: int = 65536) -> BinaryIndex:
@@ -396,3 +509,74 @@ def index_on_ray(
         image_index = fill_index(create_index(kind, model.bits, **params), *job.codes("image", item_ids))
         text_index = fill_index(create_index(kind, model.bits, **params), *job.codes("text", text_ids))
     return image_index, text_index
+
+
+@dataclass
+class ShardAdd:
+    """What ``add_shards_on_ray`` added: ``kept`` (bool [n], the planned items whose image was
+    usable), their ``item_ids`` (numbered on from the first planned id, as a build that had left
+    the others out would number them), their ``texts`` (``units_of``'s entries), the store's
+    ``paths`` of their thumbnails (``""`` where none could be made) and ``failures`` (``{key: why}``
+    of the items left out)."""
+
+    kept: np.ndarray
+    item_ids: np.ndarray
+    texts: list[dict[str, Any]]
+    paths: list[str]
+    failures: dict[str, str]
+
+
+def add_shards_on_ray(
+    run_dir: Path, options: RayOptions, model: Any, indexes: dict[str, BinaryIndex], shards: Shards,
+    keys: list[str], item_ids: np.ndarray, units_of: Any, no_image: set[str] | frozenset[str] = frozenset(),
+) -> ShardAdd:  # fmt: skip
+    """``index --add --ray`` of a source whose images the workers read from its shards themselves
+    (``crossmodal.data.shards``): encode the images of ``keys`` (planned as ``item_ids``, numbered
+    on from the run's next id), leave out those that are not usable, encode the texts
+    ``units_of(kept, ids)`` gives for the rest, and add both to ``indexes``; the thumbnails are
+    moved into the run's ``images/``. Keys in ``no_image`` (samples without an image member, which
+    no worker sees) are left out as ``no image data``.
+
+    Raises:
+        RunError: the encoding failed (the message says why); the run's indexes and store are
+            unchanged.
+    """
+    from crossmodal.data.shards import NO_IMAGE
+
+    item_ids = np.asarray(item_ids, dtype=np.int64)
+    with ray_session(options.address) as ray, shard_folder(run_dir, options.shards) as folder:
+        job = RayJob(ray, run_dir, options, model, folder)
+        key_ids = dict(zip(keys, item_ids.tolist()))
+        job.encode_shard_images(shards, {k: i for k, i in key_ids.items() if k not in no_image})
+        failed = {**job.failures("image"), **{key_ids[k]: NO_IMAGE for k in no_image if k in key_ids}}
+        kept = np.array([int(i) not in failed for i in item_ids], dtype=bool)
+        planned, ids = item_ids[kept], item_ids[0] + np.arange(int(kept.sum()), dtype=np.int64)
+        texts = units_of(kept, ids)
+        text_ids = np.array([t["text_id"] for t in texts], dtype=np.int64)
+        job.encode_texts(text_ids, [t["caption"] for t in texts])
+        fill_index(indexes["image"], ids, job.codes("image", planned)[1])  # in id order, as ``planned``
+        fill_index(indexes["text"], *job.codes("text", text_ids))
+        paths = move_thumbnails(folder / "thumbnails", planned, ids, run_dir)
+    by_id = dict(zip(item_ids.tolist(), keys))
+    return ShardAdd(kept, ids, texts, paths, {by_id[i]: why for i, why in sorted(failed.items())})
+
+
+def move_thumbnails(folder: Path, planned: np.ndarray, ids: np.ndarray, run_dir: Path) -> list[str]:
+    """Move the workers' thumbnails ``folder/<planned id>.png`` to ``run_dir/images/<id>.png``;
+    the store's paths of them (``""`` where a worker made none)."""
+    paths = []
+    (run_dir / "images").mkdir(exist_ok=True)
+    for old, new in zip(planned.tolist(), ids.tolist()):
+        source, rel = folder / f"{old}.png", f"images/{new}.png"
+        if not source.is_file():
+            paths.append("")
+            continue
+        try:
+            os.replace(source, run_dir / rel)
+        except OSError:  # shards on another file system (--shards): copied, then renamed
+            with atomic_path(run_dir / rel, fsync=False) as tmp:
+                shutil.copyfile(source, tmp)
+        paths.append(rel)
+    if paths and hasattr(os, "sync"):
+        os.sync()  # the thumbnails reach the disk before the store that names them is committed
+    return paths
