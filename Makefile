@@ -44,6 +44,8 @@ bench: run
 	@$(PY) scripts/bench_train.py --out runs/bench/train.json
 	@$(PY) scripts/bench_engine.py --run $(RUN) --out runs/bench/engine.json
 	@$(PY) scripts/bench_serving.py --run $(RUN) --int8 --out runs/bench/serving.json
+	@$(PY) scripts/bench_ray_encode.py --run $(RUN) --out runs/bench/ray_encode.json
+	@$(PY) scripts/bench_ray_encode.py --run $(RUN) --source parquet --out runs/bench/ray_encode_parquet.json
 
 lint: $(STAMP)
 	@$(VENV)/bin/ruff check crossmodal app.py scripts tests

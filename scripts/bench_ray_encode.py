@@ -1,8 +1,7 @@
 """Encoding throughput of ``crossmodal index --add``: the single-process path against Ray Data
 with 1 and 2 workers, on images of the run's own dataset written out as an image folder, or
 (``--source parquet``) as two Parquet shards added through the ``hub`` dataset, which the
-workers read themselves; the bytes the driver process read (``rchar`` of ``/proc/self/io``)
-are reported beside the seconds.
+workers read themselves.
 
 Each timed call adds the same folder (``--n`` images with their captions) to a fresh copy of the
 run, end to end: planning, encoding images and texts, building the indexes and the store, the
@@ -71,29 +70,17 @@ def write_parquet(folder: Path, shards: Path) -> dict[str, Any]:
     return {"root": str(shards), "builder": "parquet", "text_column": "captions", "id_column": "key"}
 
 
-def read_bytes() -> int:
-    """Bytes this process has read so far (``rchar``: files, pipes and sockets); 0 where unknown."""
-    try:
-        lines = Path("/proc/self/io").read_text().splitlines()
-    except OSError:
-        return 0
-    return int(next(line.split()[1] for line in lines if line.startswith("rchar")))
-
-
-def timed_add(base: Path, source: str, options: dict[str, Any] | None, work: Path, ray: Any = None,
-              reads: list[int] | None = None) -> float:  # fmt: skip
-    """Seconds of one ``add_to_run`` of ``source`` into a fresh copy of ``base`` (the bytes the
-    driver read appended to ``reads``). A dataset is built afresh each time (``force``)."""
+def timed_add(base: Path, source: str, options: dict[str, Any] | None, work: Path, ray: Any = None) -> float:
+    """Seconds of one ``add_to_run`` of ``source`` into a fresh copy of ``base``; the source's
+    dataset is built afresh each time (``force``), as a first add builds it."""
     from crossmodal.jobs.index import add_to_run
 
     run = work / "run"
     shutil.rmtree(run, ignore_errors=True)
     shutil.copytree(base, run)
-    before, started = read_bytes(), time.perf_counter()
-    info = add_to_run(run, source, {**options, "force": True} if options else None, progress=False, ray=ray)
+    started = time.perf_counter()
+    info = add_to_run(run, source, {**(options or {}), "force": True}, progress=False, ray=ray)
     seconds = time.perf_counter() - started
-    if reads is not None:
-        reads.append(read_bytes() - before)
     log.info("added %d items, %d texts in %.2f s", info["added_items"], info["added_texts"], seconds)
     return seconds
 
@@ -114,13 +101,10 @@ def timed_onnx(run: Path, folder: Path, batch_size: int) -> float:
     return time.perf_counter() - started
 
 
-def summary(name: str, times: list[float], n: int, reads: list[int] | None = None) -> dict[str, Any]:
+def summary(name: str, times: list[float], n: int) -> dict[str, Any]:
     median = statistics.median(times)
-    out = {"path": name, "seconds": [round(t, 2) for t in times], "median_s": round(median, 2),
-           "images_per_s": round(n / median, 1)}  # fmt: skip
-    if reads:
-        out["driver_read_mb"] = round(statistics.median(reads) / 2**20, 1)
-    return out
+    return {"path": name, "seconds": [round(t, 2) for t in times], "median_s": round(median, 2),
+            "images_per_s": round(n / median, 1)}  # fmt: skip
 
 
 def main() -> None:
@@ -145,9 +129,8 @@ def main() -> None:
             source, options = "hub", write_parquet(folder, work / "shards")
         base = work / "base"
         shutil.copytree(args.run, base, ignore=shutil.ignore_patterns(*SKIPPED))
-        reads: list[int] = []
-        times = [timed_add(base, source, options, work, reads=reads) for _ in range(args.repeats)]
-        results = [summary("single process (index --add, torch)", times, args.n, reads)]
+        times = [timed_add(base, source, options, work) for _ in range(args.repeats)]
+        results = [summary("single process (index --add, torch)", times, args.n)]
         onnx = [timed_onnx(base, folder, args.batch_size) for _ in range(args.repeats)]
         results.append(summary("ONNX encoders in this process (encoding only)", onnx, args.n))
         results += bench_ray(args, base, source, options, work)
@@ -174,10 +157,8 @@ def bench_ray(args: argparse.Namespace, base: Path, source: str, options: dict[s
     try:
         for workers in args.workers:
             ray_options = RayOptions(workers=workers, batch_size=args.batch_size, progress=False)
-            reads: list[int] = []
-            times = [timed_add(base, source, options, work, ray=ray_options, reads=reads)
-                     for _ in range(args.repeats)]  # fmt: skip
-            out.append(summary(f"Ray, {workers} worker{'s' if workers > 1 else ''}", times, args.n, reads))
+            times = [timed_add(base, source, options, work, ray=ray_options) for _ in range(args.repeats)]
+            out.append(summary(f"Ray, {workers} worker{'s' if workers > 1 else ''}", times, args.n))
     finally:
         ray.shutdown()
     return out
