@@ -231,7 +231,9 @@ def _index_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--if-missing", action="store_true", help="do nothing when the run is already indexed")
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="encode on a Ray cluster (auto, ray://HOST:10001; none: a local one), for a whole "
-                        "index or --add; needs the distributed extra")
+                        "index or --add; the workers read image files, and Parquet or WebDataset shards "
+                        "(--add hub -o builder=parquet|webdataset -o id_column=...), themselves; needs "
+                        "the distributed extra")
     p.add_argument("--shards", metavar="DIR",
                    help="with --ray: where the code shards go, on storage every worker can write "
                         "(default: inside the run)")
