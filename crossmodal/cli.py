@@ -323,8 +323,9 @@ def add_summary(run: str, info: dict) -> str:
     lines = [f"added {info['added_items']} items and {info['added_texts']} texts from {info['source']} "
              f"to {run}; it now holds {info['items']} items and {info['texts']} texts"]  # fmt: skip
     if info["already_present"]:
+        hint = " (--sync re-encodes those whose files changed)" if Path(info["source"]).is_dir() else ""
         lines.append(f"{info['already_present']} items of {info['source']} are in the run already (added "
-                     f"before): skipped (--sync re-encodes those whose files changed)")  # fmt: skip
+                     f"before): skipped{hint}")  # fmt: skip
     if info["unknown_labels"]:
         named = ", ".join(f"{k} ({v})" for k, v in info["unknown_labels"].items())
         lines.append(f"labels not in the run's label set, not stored (items): {named}")

@@ -253,19 +253,26 @@ def test_webdataset_shards_are_read_by_the_workers(ray_cluster, tiny_run, tmp_pa
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(tmp_path / "shards" / "shard-000002.tar", "w") as tar:  # captions only: a block
+        for key in ("000100", "000101"):  # whose rows have no image column at all
+            info = tarfile.TarInfo(f"{key}.txt")
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"text"))
     options = {"root": str(tmp_path / "shards"), "builder": "webdataset", "image_column": "png",
                "text_column": "txt", "labels_column": "cls", "id_column": "__key__"}  # fmt: skip
     _, info = added_alike(tiny_run, tmp_path, options, monkeypatch)
     assert info["added_items"] == 10
-    assert info["skipped"]["undecodable_images"]["n"] == 2
-    assert [m.split(":")[0] for m in info["skipped"]["undecodable_images"]["first"]] == ["000004", "000007"]
+    assert info["skipped"]["undecodable_images"]["n"] == 4
+    assert [m.split(":")[0] for m in info["skipped"]["undecodable_images"]["first"]] == ["000004", "000007",
+                                                                                        "000100"]  # fmt: skip
 
 
 @slow
 def test_parquet_shards_are_read_by_the_workers(ray_cluster, tiny_run, tmp_path, monkeypatch):
     """Parquet shards of ``Image`` structs (bytes, or a path relative to their folder), captions
     and ClassLabel labels: the driver reads every column but the images, the workers read those;
-    the run is the one a single-process add gives."""
+    the run is the one a single-process add gives. Added again, nothing is written; with
+    ``check_images=none`` the corrupt image fails the job with and without Ray."""
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -289,6 +296,24 @@ def test_parquet_shards_are_read_by_the_workers(ray_cluster, tiny_run, tmp_path,
     assert info["added_items"] == 10 and info["skipped"]["undecodable_images"]["n"] == 2
     with sqlite3.connect(on_ray / "store.sqlite") as conn:
         assert conn.execute("SELECT key FROM items WHERE key = '000004' OR key = '000007'").fetchall() == []
+
+    # again: the two unusable images are read and left out again, and nothing is written
+    from crossmodal.jobs.index import add_to_run
+    from crossmodal.runs.folder import RunError
+
+    before = contents(on_ray)
+    again = add_to_run(on_ray, "hub", options, progress=False, ray=ray_options())
+    assert (again["added_items"], again["already_present"]) == (0, 10)
+    assert again["skipped"]["undecodable_images"]["n"] == 2
+    assert contents(on_ray) == before
+
+    # an image the source's check lets through but that does not decode fails the job, as without Ray
+    for run, ray in ((copy_run(tiny_run, tmp_path / "lax-single"), None),
+                     (copy_run(tiny_run, tmp_path / "lax-ray"), ray_options())):  # fmt: skip
+        unchanged = contents(run)
+        with pytest.raises((ValueError, RunError), match="000004"):
+            add_to_run(run, "hub", {**options, "check_images": "none"}, progress=False, ray=ray)
+        assert contents(run) == unchanged
 
 
 @pytest.mark.parametrize(

@@ -107,8 +107,8 @@ def test_sources_the_workers_cannot_match_by_key_go_through_the_driver(parquet_d
 
 def test_a_missing_column_is_named_with_the_files_columns(parquet_dir, tmp_path):
     shards = find_shards("hub", parquet_options(parquet_dir, text_column="caption"))
-    with pytest.raises(KeyError, match=r"column 'caption' not in .*part-0.parquet; columns: key, image, "
-                                       r"captions, tags"):  # fmt: skip
+    with pytest.raises(KeyError, match=r"column .caption. not in the Parquet files of .*; columns: key, "
+                                       r"image, captions, tags"):  # fmt: skip
         plan_shards(shards, cache_dir=str(tmp_path / "cache"))
 
 
@@ -128,3 +128,72 @@ def test_a_parquet_column_of_raw_image_bytes_builds(parquet_dir, tmp_path):
     built = load_hub(**parquet_options(parquet_dir), cache_dir=str(tmp_path / "cache"))
     assert len(built) == 5
     assert Image.open(io.BytesIO(next(built.image_rows(np.array([0])))["image_bytes"])).size == (8, 8)
+
+
+def test_parquet_files_with_other_columns_read_as_datasets_reads_them(tmp_path):
+    # a column only some files have is empty in the rows of the others (datasets fills nulls)
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist([{"key": "a", "image": png((1, 1, 1)), "text": "one", "lab": "x"}]),
+                   folder / "a.parquet")  # fmt: skip
+    pq.write_table(pa.Table.from_pylist([{"key": "b", "image": png((2, 2, 2)), "text": "two"}]),
+                   folder / "b.parquet")  # fmt: skip
+    options = {"root": str(folder), "builder": "parquet", "labels_column": "lab", "id_column": "key"}
+    plan = plan_shards(find_shards("hub", options), cache_dir=str(tmp_path / "cache"))
+    built = load_hub(**options, cache_dir=str(tmp_path / "cache"))
+    assert plan.ids == built.ids == ["a", "b"]
+    assert plan.info.label_names == built.info.label_names == ["x"]
+    np.testing.assert_array_equal(plan.labels_matrix(), built.labels_matrix())
+
+
+def test_a_column_no_sample_has_is_named_with_the_members_there_are(tmp_path):
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    write_tar(folder / "a.tar", {f"s{i}": {"jpg": png((i, 0, 0)), "txt": b"a caption"} for i in range(3)})
+    options = {"root": str(folder), "builder": "webdataset", "image_column": "png", "text_column": "txt",
+               "id_column": "__key__"}  # fmt: skip
+    with pytest.raises(ValueError, match=r"column 'png' not in the WebDataset samples of .*; their members' "
+                                         r"extensions: jpg, txt, __key__$"):  # fmt: skip
+        plan_shards(find_shards("hub", options), cache_dir=str(tmp_path / "cache"))
+
+
+def test_hub_without_root_says_it_needs_one(parquet_dir):
+    from crossmodal.data import create_dataset
+
+    options = {k: v for k, v in parquet_options(parquet_dir).items() if k != "root"}
+    assert find_shards("hub", {**options, "data_files": f"{parquet_dir}/*.parquet"}) is None  # as load_hub
+    with pytest.raises(ValueError, match=r"dataset 'hub' needs the option\(s\) root \(-o root=...\)"):
+        create_dataset("hub", **options)
+
+
+@pytest.mark.parametrize(
+    ("value", "captions"),
+    [({"caption": "a red square", "id": 3}, ["a red square"]),
+     ({"captions": ["one", "two"]}, ["one", "two"]),
+     ({"text": "plain"}, ["plain"]),
+     ({"url": "http://x", "width": 8}, [])],
+)
+def test_a_caption_object_gives_its_caption_not_its_keys(value, captions):
+    # a WebDataset .json member: its keys ("caption", "id") were stored as the captions
+    from crossmodal.data.captions import as_captions
+
+    assert as_captions(value) == captions
+
+
+def test_two_hub_sources_with_the_same_keys_are_both_added(tiny_run_copy, tmp_path, capsys):
+    # every hub source was recorded as "hub": the second one's keys k0... counted as present
+    from crossmodal.cli import main
+
+    for name in ("first", "second"):
+        folder = tmp_path / name
+        folder.mkdir()
+        blue = 200 if name == "first" else 30
+        rows = [{"key": f"k{i}", "image": png((60 * i, 90, blue)), "text": "a red circle"} for i in range(3)]
+        pq.write_table(pa.Table.from_pylist(rows), folder / "part-0.parquet")
+        args = ["index", "--run", str(tiny_run_copy), "--add", "hub", "-o", f"root={folder}",
+                "-o", "builder=parquet", "-o", "id_column=key"]  # fmt: skip
+        assert main(args) == 0
+        assert capsys.readouterr().out.startswith(f"added 3 items and 3 texts from hub:{folder.resolve()} ")
+    assert main(args) == 0  # the second source again: its items are in the run, and it is no folder
+    assert capsys.readouterr().out.splitlines()[1] == (
+        f"3 items of hub:{folder.resolve()} are in the run already (added before): skipped")

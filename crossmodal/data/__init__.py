@@ -38,14 +38,22 @@ def create_dataset(name: str, /, **options: Any) -> CrossModalDataset:
 
     Raises:
         UnknownNameError: ``name`` is not registered (the message lists the valid names).
-        ValueError: an option the builder does not take (the message lists those it takes).
+        ValueError: an option the builder does not take, or one it needs is missing (the message
+            lists those it takes).
     """
     factory = DATASETS.get(name)
     try:
         inspect.signature(factory).bind(**options)
     except TypeError:
-        params = [p for p in inspect.signature(factory).parameters if p not in ("self", "args", "kwargs")]
+        signature = inspect.signature(factory)
+        params = [p for p in signature.parameters if p not in ("self", "args", "kwargs")]
         unknown = sorted(set(options) - set(params))
+        required = [p for p, v in signature.parameters.items() if v.default is inspect.Parameter.empty
+                    and v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)]  # fmt: skip
+        needed = [p for p in required if p not in options]
+        if needed and not unknown:
+            raise ValueError(f"dataset {name!r} needs the option(s) {', '.join(needed)} "
+                             f"(-o {needed[0]}=...); its options: {', '.join(params)}") from None  # fmt: skip
         raise ValueError(
             f"dataset {name!r} does not take the option(s) {', '.join(unknown) or '(as given)'}; "
             f"its options: {', '.join(params) or 'none'}"

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -31,12 +31,14 @@ from crossmodal.data import DATA_README, register_dataset
 from crossmodal.data.records import (
     RELEVANCE_IMAGE,
     RELEVANCE_LABELS,
+    ColumnError,
     CrossModalDataset,
     DatasetInfo,
     EmptyDatasetError,
     check_unique_ids,
     make_record,
     open_text,
+    quiet_datasets,
 )
 from crossmodal.data.splits import fit_protocol
 from crossmodal.images import ImageDecodeError, check_decodes, check_header, open_image
@@ -158,11 +160,19 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+CAPTION_FIELDS = ("caption", "captions", "text", "texts")  # of a caption object, in this order
+
+
 def as_captions(value: Any) -> list[str]:
     """A caption column's value as a list of captions: a string (or a JSON list in one), a list
-    of them, or None (no caption); blank ones dropped."""
+    of them, an object with a ``caption``/``captions``/``text`` field (a WebDataset ``.json``
+    member), or None (no caption); blank ones dropped. An object with none of those fields has
+    no caption (its keys are not captions)."""
     if value is None:
         return []
+    if isinstance(value, Mapping):
+        field = next((k for k in CAPTION_FIELDS if k in value), None)
+        return as_captions(value[field]) if field else []
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("[") and text.endswith("]"):
@@ -811,7 +821,7 @@ def load_hub(
     table = _load_hub_table(root, split, builder, config, data_files, revision, cache_dir)
     for col in [image_column, text_column] + [c for c in (labels_column, id_column) if c]:
         if col not in table.column_names:
-            raise KeyError(f"column {col!r} not in the dataset; columns: {', '.join(table.column_names)}")
+            raise ColumnError(f"column {col!r} not in the dataset; columns: {', '.join(table.column_names)}")
     if limit is not None:
         table = table.select(range(min(limit, len(table))))
     if id_column:
@@ -856,12 +866,13 @@ def _load_hub_table(root, split, builder, config, data_files, revision, cache_di
     kwargs: dict[str, Any] = {"split": split, "revision": revision, "cache_dir": cache_dir}
     if data_files is not None:
         kwargs["data_files"] = data_files
-    if builder:
-        if data_files is None:
-            kwargs["data_dir"] = str(root)
-        table = datasets.load_dataset(builder, config, **kwargs)
-    else:
-        table = datasets.load_dataset(str(root), config, **kwargs)
+    with quiet_datasets():  # its "Generating train split" bar: the build says what it did
+        if builder:
+            if data_files is None:
+                kwargs["data_dir"] = str(root)
+            table = datasets.load_dataset(builder, config, **kwargs)
+        else:
+            table = datasets.load_dataset(str(root), config, **kwargs)
     if not isinstance(table, datasets.Dataset):
         raise TypeError(
             f"load_dataset returned {type(table).__name__}; pass a single split, e.g. split='train'"

@@ -80,6 +80,15 @@ class DuplicateIdError(ValueError):
     """Item ids repeated in a source; the message names them and the source."""
 
 
+class ColumnError(KeyError, ValueError):
+    """A column a builder was told to read is not in the source; the message lists the ones it
+    has. A ``KeyError`` for code that looks columns up, a ``ValueError`` (one line, no traceback)
+    for the command line."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 # Byte-order marks of the Unicode encodings annotation files come in, longest first (the
 # UTF-32 LE mark begins with the UTF-16 LE one). Spreadsheet programs write "CSV UTF-8" with
 # the UTF-8 mark and "Unicode text" as UTF-16; Windows PowerShell writes UTF-16 by default.

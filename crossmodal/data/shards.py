@@ -38,6 +38,7 @@ from crossmodal.data.captions import (
 from crossmodal.data.records import (
     RELEVANCE_IMAGE,
     RELEVANCE_LABELS,
+    ColumnError,
     CrossModalDataset,
     DatasetInfo,
     EmptyDatasetError,
@@ -91,6 +92,8 @@ def find_shards(name: str, options: dict[str, Any]) -> Shards | None:
         return None
     id_column = options.get("id_column")
     why = None
+    if not options.get("root"):  # load_hub needs it too, and says so
+        return None
     if not id_column:  # items are then numbered by row, which no worker can tell from its block
         why = "no id_column is given (a WebDataset's is __key__)"
     elif builder == "webdataset" and id_column != "__key__":
@@ -108,7 +111,7 @@ def find_shards(name: str, options: dict[str, Any]) -> Shards | None:
         format=builder, files=tuple(files), image_column=str(options.get("image_column", "image")),
         text_column=str(options.get("text_column", "text")), labels_column=options.get("labels_column"),
         id_column=str(id_column), check_images=check_mode(options.get("check_images", DEFAULT_CHECK)),
-        base=str(Path(options["root"]).resolve()) if options.get("root") else str(Path.cwd()),
+        base=str(Path(options["root"]).resolve()),
     )  # fmt: skip
 
 
@@ -121,7 +124,7 @@ def _data_files(options: dict[str, Any]) -> list[str]:
     if options.get("data_files") is not None:
         kwargs["data_files"] = options["data_files"]
     else:
-        kwargs["data_dir"] = str(options.get("root") or ".")
+        kwargs["data_dir"] = str(options["root"])
     builder = datasets.load_dataset_builder(options["builder"], options.get("config"), **kwargs)
     split = options.get("split", "train")
     files = [str(f) for f in (builder.config.data_files or {}).get(split, [])]
@@ -143,7 +146,7 @@ def plan_shards(
     sees those) are listed in ``info.stats[NO_IMAGE_KEYS]``.
 
     Raises:
-        KeyError: a column is not in the files (the message lists theirs).
+        ColumnError: a column is not in the files (the message lists theirs).
         DuplicateIdError: two rows share an id.
         EmptyDatasetError: no row has an image.
     """
@@ -164,10 +167,8 @@ def plan_shards(
                 labels = np.zeros(len(label_names), dtype=np.uint8)
                 for v in listify(labels_of[j]):
                     labels[index[label_names[int(v)] if isinstance(v, (int, np.integer)) else str(v)]] = 1
-            captions = as_captions(text)
-            if not captions:
-                problems.uncaptioned.append(key)
-            yield make_record(key, captions, labels=labels)
+            # items without a caption are not warned of here: some of them may be left out yet
+            yield make_record(key, as_captions(text), labels=labels)
 
     relevance = RELEVANCE_LABELS if label_names is not None else RELEVANCE_IMAGE
     source = {"shards": shards.format, "files": list(shards.files), "split": split}
@@ -176,8 +177,7 @@ def plan_shards(
         ds = CrossModalDataset.from_records(rows, info, cache_dir, _fingerprint(shards, split, label_names))
     except EmptyDatasetError:
         raise problems.no_items() from None
-    ds.info.stats = {"n_items": len(ds), "n_rows": reader.n_rows, **problems.report()}
-    ds.info.stats[NO_IMAGE_KEYS] = reader.no_image
+    ds.info.stats = {"n_items": len(ds), "n_rows": reader.n_rows, NO_IMAGE_KEYS: reader.no_image}
     ds.info.protocol = fit_protocol(len(ds), 1000, 10000, ds.name, published=False)
     return ds
 
@@ -196,15 +196,19 @@ class _ParquetMeta:
         import pyarrow.parquet as pq
 
         self.shards, self.files = shards, [pq.ParquetFile(f) for f in shards.files]
-        names = self.files[0].schema_arrow.names
-        for col in (shards.image_column, shards.text_column, shards.labels_column, shards.id_column):
-            if col and col not in names:
-                raise KeyError(f"column {col!r} not in {shards.files[0]}; columns: {', '.join(names)}")
+        names = list(dict.fromkeys(n for f in self.files for n in f.schema_arrow.names))  # of every file
+        _check_columns(shards, names, f"the Parquet files of {Path(shards.files[0]).parent}", "columns")
         self.n_rows = sum(f.metadata.num_rows for f in self.files)
         self.no_image: list[str] = []  # an empty image is found by the worker that reads it
 
     def column(self, name: str) -> list[Any]:
-        return [v for f in self.files for v in f.read(columns=[name]).column(0).to_pylist()]
+        """The column's values in every file; None in the rows of a file without it (as
+        ``datasets`` reads files whose schemas differ)."""
+        out: list[Any] = []
+        for f in self.files:
+            has = name in f.schema_arrow.names
+            out += f.read(columns=[name]).column(0).to_pylist() if has else [None] * f.metadata.num_rows
+        return out
 
     def keys(self) -> list[str]:
         return [str(v) for v in self.column(self.shards.id_column)]
@@ -212,8 +216,9 @@ class _ParquetMeta:
     def label_feature(self) -> Any:
         import datasets
 
-        features = datasets.Features.from_arrow_schema(self.files[0].schema_arrow)  # keeps ClassLabel names
-        return features[self.shards.labels_column]
+        name = self.shards.labels_column
+        schema = next(f.schema_arrow for f in self.files if name in f.schema_arrow.names)
+        return datasets.Features.from_arrow_schema(schema)[name]  # keeps ClassLabel names
 
 
 class _TarMeta:
@@ -224,6 +229,7 @@ class _TarMeta:
         self.shards = shards
         wanted = {c for c in (shards.text_column, shards.labels_column) if c}
         samples: dict[str, dict[str, Any]] = {}
+        fields: dict[str, None] = {}  # every member extension seen, in order
         self.runs: list[str] = []  # each sample's key once per run of its members: twice is a repeat
         for path in shards.files:
             with tarfile.open(path) as tar:
@@ -236,16 +242,16 @@ class _TarMeta:
                         self.runs.append(key)
                         previous = key
                     sample = samples.setdefault(key, {})
+                    fields.setdefault(field)
                     if field == shards.image_column:
                         sample[field] = True
                     elif field in wanted:
                         sample[field] = _decode_member(field, tar.extractfile(member).read())
         self.n_rows, self.samples = len(samples), samples
+        if samples:  # the columns of a WebDataset are its members' extensions, and its keys
+            where = f"the WebDataset samples of {Path(shards.files[0]).parent}"
+            _check_columns(shards, [*fields, "__key__"], where, "their members' extensions")
         self.no_image = [key for key, sample in samples.items() if shards.image_column not in sample]
-        fields = set().union(*samples.values()) if samples else set()
-        if samples and shards.text_column not in fields:
-            raise KeyError(f"column {shards.text_column!r} not in {shards.files[0]}; its members' "
-                           f"extensions: {', '.join(sorted(fields))}")  # fmt: skip
 
     def column(self, name: str) -> list[Any]:
         return [s.get(name) for s in self.samples.values()]
@@ -255,6 +261,13 @@ class _TarMeta:
 
     def label_feature(self) -> Any:
         return None
+
+
+def _check_columns(shards: Shards, names: list[str], where: str, what: str) -> None:
+    """Raises ``ColumnError`` naming the first of the shards' columns not in ``names``."""
+    for col in (shards.image_column, shards.text_column, shards.labels_column, shards.id_column):
+        if col and col not in names:
+            raise ColumnError(f"column {col!r} not in {where}; {what}: {', '.join(names)}")
 
 
 def _key_and_field(member: tarfile.TarInfo) -> tuple[str | None, str]:

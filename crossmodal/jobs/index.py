@@ -431,6 +431,8 @@ def _add(run_dir: Path, source: str, options: dict[str, Any], progress: bool,
         what = "a file, not a folder" if Path(source).exists() else "no such folder"
         raise ValueError(f"cannot add {source!r}: {what}, and no dataset has that name "
                          f"(datasets: {', '.join(list_datasets())})")  # fmt: skip
+    if name == source and options.get("root"):  # one builder, many sources: keys count per source
+        origin = f"{name}:{Path(str(options['root'])).resolve()}"
     shards = find_shards(name, options) if ray is not None else None
     if shards is not None:  # the workers read the images: the driver reads the metadata only
         dataset = plan_shards(shards, options.get("split", "train"), name, options.get("cache_dir"))
@@ -439,6 +441,8 @@ def _add(run_dir: Path, source: str, options: dict[str, Any], progress: bool,
     with MetadataStore.open(run_dir / "store.sqlite") as store:
         first_item, first_text = store.max_item_id() + 1, store.max_text_id() + 1
         present = store.find_keys(dataset.ids, source=origin)
+        if origin != name and name == source:  # runs that recorded such a source by its builder alone
+            present = {**store.find_keys(dataset.ids, source=name), **present}
         run_labels = [str(n) for n in store.get_meta("label_names", []) or []]
     positions = np.array([i for i, key in enumerate(dataset.ids) if key not in present], dtype=np.int64)
     result = {"source": origin, "already_present": len(dataset) - len(positions), "unknown_labels": {},
@@ -459,6 +463,8 @@ def _add(run_dir: Path, source: str, options: dict[str, Any], progress: bool,
     items, units, stamps, result["unknown_labels"] = new.items, new.texts, new.stamps, new.unknown_labels
     if new.unusable:  # found by the workers that read the shards: said as a build says them
         result["skipped"] = with_unusable(result["skipped"], new.unusable)
+    if not items:  # every planned image was unusable: nothing changes, as when all are present
+        return {"added_items": 0, "added_texts": 0, **result, **manifest["index"]}
     if result["unknown_labels"]:
         log.info("%s: labels of %s that the run does not have were not stored: %s", run_dir, origin,
                  ", ".join(f"{k} ({v} items)" for k, v in result["unknown_labels"].items()))  # fmt: skip

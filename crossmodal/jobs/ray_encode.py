@@ -159,20 +159,28 @@ class Encode:
 
         read = self.shards
         base, out = Path(read.base), Path(read.thumbnails)
+        keys = batch[read.key_column].to_pylist()
+        # a block of samples without the image member has no such column
+        has_images = read.image_column in batch.column_names
+        values = batch[read.image_column].to_pylist() if has_images else [None] * len(keys)
         ids, images, errors = [], [], []
-        for key, value in zip(batch[read.key_column].to_pylist(), batch[read.image_column].to_pylist()):
+        for key, value in zip(keys, values):
             item = read.key_ids.get(str(key))
             if item is None:  # not planned: left out by the plan, or in the run already
                 continue
             data = hub_image(value, base)
             why = NO_IMAGE if data is None else check_image(data, read.check)
             image = None
-            if why is None:
+            if why is None:  # what the check let through is encoded, or the job fails, as without Ray
                 try:
                     image = open_image(data)
-                    thumbnail = thumbnail_bytes(data)
                 except ImageDecodeError as exc:
-                    why = str(exc)
+                    hint = f"check_images={read.check} let it through (-o check_images=full leaves it out)"
+                    raise ImageDecodeError(f"item {key}: {exc}; {hint}") from None
+                try:
+                    thumbnail = thumbnail_bytes(data)
+                except ImageDecodeError:
+                    pass  # no thumbnail: the store names none, as without Ray
                 else:
                     with atomic_path(out / f"{item}.png", fsync=False) as tmp:
                         tmp.write_bytes(thumbnail)
