@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 
 SHARD_PREFIX = f"{STAGING_PREFIX}ray-"  # inside a run: cleaned by recover_run after a kill
 MAX_BLOCK_ROWS = 1024  # rows of a Ray block: about 50 MB of typical images
+# Ray Data's loggers of a failed task (with its stack), shown only with -v: RunError says it
+RAY_FAILURE_LOGGERS = ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions")
 IVF_SAMPLE_PER_LIST = 64  # training codes per IVF list (FAISS wants 39 to 256; docs/scaling.md)
 
 
@@ -315,6 +317,8 @@ class RayJob:
             logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         if not log.isEnabledFor(logging.INFO):  # Ray Data narrates every dataset it runs
             logging.getLogger("ray.data").setLevel(logging.WARNING)
+            for name in RAY_FAILURE_LOGGERS:  # a failed block: the job's error says it in one line
+                logging.getLogger(name).setLevel(logging.CRITICAL)
         log.info("encoding on Ray with %d %s workers (%.2f CPUs each); shards in %s",
                  self.workers, self.backend, self.actor_cpus, folder)  # fmt: skip
 
