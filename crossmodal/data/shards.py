@@ -88,12 +88,9 @@ def find_shards(name: str, options: dict[str, Any]) -> Shards | None:
         ValueError: a bad ``check_images`` mode.
     """
     builder = options.get("builder")
-    if name != "hub" or builder not in FORMATS:
+    if name != "hub" or builder not in FORMATS or not options.get("root"):  # load_hub says what a root is for
         return None
-    id_column = options.get("id_column")
-    why = None
-    if not options.get("root"):  # load_hub needs it too, and says so
-        return None
+    id_column, why = options.get("id_column"), None
     if not id_column:  # items are then numbered by row, which no worker can tell from its block
         why = "no id_column is given (a WebDataset's is __key__)"
     elif builder == "webdataset" and id_column != "__key__":
@@ -148,7 +145,7 @@ def plan_shards(
     Raises:
         ColumnError: a column is not in the files (the message lists theirs).
         DuplicateIdError: two rows share an id.
-        EmptyDatasetError: no row has an image.
+        EmptyDatasetError: the files hold no row.
     """
     problems = Problems(f"{shards.format}[{split}]")
     reader = _ParquetMeta(shards) if shards.format == "parquet" else _TarMeta(shards)
