@@ -197,15 +197,18 @@ class _ParquetMeta:
         _check_columns(shards, names, f"the Parquet files of {Path(shards.files[0]).parent}", "columns")
         self.n_rows = sum(f.metadata.num_rows for f in self.files)
         self.no_image: list[str] = []  # an empty image is found by the worker that reads it
+        self.read: dict[str, list[Any]] = {}
 
     def column(self, name: str) -> list[Any]:
         """The column's values in every file; None in the rows of a file without it (as
-        ``datasets`` reads files whose schemas differ)."""
-        out: list[Any] = []
-        for f in self.files:
-            has = name in f.schema_arrow.names
-            out += f.read(columns=[name]).column(0).to_pylist() if has else [None] * f.metadata.num_rows
-        return out
+        ``datasets`` reads files whose schemas differ). Read once (the labels are asked twice)."""
+        if name not in self.read:
+            out: list[Any] = []
+            for f in self.files:
+                has = name in f.schema_arrow.names
+                out += f.read(columns=[name]).column(0).to_pylist() if has else [None] * f.metadata.num_rows
+            self.read[name] = out
+        return self.read[name]
 
     def keys(self) -> list[str]:
         return [str(v) for v in self.column(self.shards.id_column)]

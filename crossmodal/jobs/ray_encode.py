@@ -129,25 +129,24 @@ class Encode:
 
         errors: list[str | None]
         if self.shards is not None:
-            ids, images, errors = self.shard_rows(batch)
+            ids, inputs, errors = self.shard_rows(batch)
         elif "path" in batch.column_names:  # image files, named by their paths
             names = [str(p) for p in batch["path"].to_pylist()]
             ids = [self.path_ids[p] for p in names]
-            images = [self.decode(d, n) for d, n in zip(batch["bytes"].to_pylist(), names)]
+            inputs = [self.decode(d, n) for d, n in zip(batch["bytes"].to_pylist(), names)]
             errors = [None] * len(ids)
         else:
             ids = batch["id"].to_pylist()
             if self.modality == "text":
-                images = batch["text"].to_pylist()
+                inputs = batch["text"].to_pylist()
             else:
-                images = [self.decode(d, f"id {i}") for d, i in zip(batch["bytes"].to_pylist(), ids)]
+                inputs = [self.decode(d, f"id {i}") for d, i in zip(batch["bytes"].to_pylist(), ids)]
             errors = [None] * len(ids)
         good = [k for k, e in enumerate(errors) if e is None]
         rows: list[bytes | None] = [None] * len(ids)
         if good:
-            inputs = [images[k] for k in good]
             encode = self.encoders.encode_texts if self.modality == "text" else self.encoders.encode_images
-            for k, row in zip(good, pack_codes(encode(inputs))):  # [b, bits / 8]
+            for k, row in zip(good, pack_codes(encode([inputs[k] for k in good]))):  # [b, bits / 8]
                 rows[k] = row.tobytes()
         return pa.table({"id": pa.array(ids, pa.int64()), "code": pa.array(rows, pa.binary(self.width)),
                          "error": pa.array(errors, pa.string())})  # fmt: skip
@@ -382,8 +381,8 @@ class RayJob:
         """Encode the images of the keys ``key_ids`` (key: id) in ``shards``' files into ``image/``
         shards, and their thumbnails into ``thumbnails/<id>.png``: the workers read the files
         (``read_parquet`` of the key and image columns only, ``read_webdataset`` of the image
-        members only) and drop the rows of other keys. Unusable images are recorded, not raised
-        (``failures``)."""
+        members only) and drop the rows of other keys. Unusable images are recorded in the
+        shards' ``error`` column, not raised (``read_shards``)."""
         from pyarrow.fs import LocalFileSystem
 
         log.info("the workers read the images of %d items from %d %s files", len(key_ids), len(shards.files),
@@ -401,17 +400,16 @@ class RayJob:
                          str(self.folder / "thumbnails"))  # fmt: skip
         self._run(ds, "image", shards=rows)
 
-    def failures(self, modality: str) -> dict[int, str]:
-        """``{id: why}`` of the rows of ``modality`` that were left out (unusable images of shards)."""
-        return read_shards(self.folder / modality)[2]
-
-    def codes(self, modality: str, expected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The shards of ``modality``: ``(ids int64 [n] sorted, packed uint8 [n, bits / 8])``.
+    def codes(
+        self, modality: str, expected: np.ndarray, read: tuple | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The shards of ``modality``: ``(ids int64 [n] sorted, packed uint8 [n, bits / 8])``;
+        ``read``: what ``read_shards`` gave for them already.
 
         Raises:
             RunError: the shards do not hold exactly the ids ``expected``.
         """
-        ids, packed, _ = read_shards(self.folder / modality)
+        ids, packed, _ = read or read_shards(self.folder / modality)
         order = np.argsort(ids, kind="stable")
         ids, packed = ids[order], packed[order]
         if not np.array_equal(ids, np.sort(np.asarray(expected, dtype=np.int64))):
@@ -445,7 +443,8 @@ def read_shards(folder: Path) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
         return np.zeros(0, np.int64), np.zeros((0, 0), np.uint8), {}
     table = pq.read_table([str(f) for f in files], columns=["id", "code", "error"])
     failed = pc.is_valid(table["error"])
-    failures = dict(zip(table.filter(failed)["id"].to_pylist(), table.filter(failed)["error"].to_pylist()))
+    left_out = table.filter(failed)
+    failures = dict(zip(left_out["id"].to_pylist(), left_out["error"].to_pylist()))
     table = table.filter(pc.invert(failed))
     codes = table["code"].combine_chunks()
     width = codes.type.byte_width
@@ -560,13 +559,14 @@ def add_shards_on_ray(
         job = RayJob(ray, run_dir, options, model, folder)
         key_ids = dict(zip(keys, item_ids.tolist()))
         job.encode_shard_images(shards, {k: i for k, i in key_ids.items() if k not in no_image})
-        failed = {**job.failures("image"), **{key_ids[k]: NO_IMAGE for k in no_image if k in key_ids}}
+        images = read_shards(folder / "image")  # read once: its left-out rows, then its codes
+        failed = {**images[2], **{key_ids[k]: NO_IMAGE for k in no_image if k in key_ids}}
         kept = np.array([int(i) not in failed for i in item_ids], dtype=bool)
         planned, ids = item_ids[kept], item_ids[0] + np.arange(int(kept.sum()), dtype=np.int64)
         texts = units_of(kept, ids)
         text_ids = np.array([t["text_id"] for t in texts], dtype=np.int64)
         job.encode_texts(text_ids, [t["caption"] for t in texts])
-        fill_index(indexes["image"], ids, job.codes("image", planned)[1])  # in id order, as ``planned``
+        fill_index(indexes["image"], ids, job.codes("image", planned, images)[1])  # id order, as ``planned``
         fill_index(indexes["text"], *job.codes("text", text_ids))
         paths = move_thumbnails(folder / "thumbnails", planned, ids, run_dir)
     by_id = dict(zip(item_ids.tolist(), keys))
